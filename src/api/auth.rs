@@ -1,0 +1,112 @@
+//! Client keys: `authorization: Bearer KEY`, checked against the SHA-256
+//! digests of the config, in constant time; and each key's model allow-list.
+
+use std::{collections::HashSet, sync::Arc};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::metadata::MetadataMap;
+
+use super::error::CallError;
+use crate::config::ApiKeyConfig;
+
+struct Key {
+    name: Arc<str>,
+    digest: [u8; 32],
+    /// None: every model.
+    models: Option<Arc<HashSet<String>>>,
+}
+
+/// Who is calling, once authenticated.
+#[derive(Clone)]
+pub struct Caller {
+    pub key_name: Option<Arc<str>>,
+    models: Option<Arc<HashSet<String>>>,
+}
+
+impl Caller {
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|m| m.contains(model))
+    }
+}
+
+pub struct Keys {
+    keys: Vec<Key>,
+}
+
+impl Keys {
+    pub fn new(config: &[ApiKeyConfig]) -> Self {
+        let keys = config
+            .iter()
+            .filter_map(|k| {
+                let mut digest = [0u8; 32];
+                // The config loader has checked the hex; a bad one matches nothing.
+                hex::decode_to_slice(&k.key_sha256, &mut digest).ok()?;
+                let all = k.models.is_empty() || k.models.iter().any(|m| m == "*");
+                Some(Key {
+                    name: k.name.as_str().into(),
+                    digest,
+                    models: (!all).then(|| Arc::new(k.models.iter().cloned().collect())),
+                })
+            })
+            .collect();
+        Self { keys }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Authenticates the call. With no keys configured, auth is off.
+    pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, CallError> {
+        if self.keys.is_empty() {
+            return Ok(Caller { key_name: None, models: None });
+        }
+        let presented = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, key) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+            })
+            .filter(|k| !k.is_empty())
+            .ok_or(CallError::Unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare with every key, so timing does not tell which one is near.
+        let mut found = None;
+        for key in &self.keys {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or(CallError::Unauthenticated("invalid API key"))?;
+        Ok(Caller { key_name: Some(key.name.clone()), models: key.models.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        let digest = hex::encode(Sha256::digest(b"secret"));
+        Keys::new(&[ApiKeyConfig { name: "a".into(), key_sha256: digest, models: vec!["chat".into()] }])
+    }
+
+    fn md(v: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn checks_keys_and_models() {
+        let k = keys();
+        assert!(matches!(k.check(&MetadataMap::new()), Err(CallError::Unauthenticated(_))));
+        assert!(matches!(k.check(&md("Bearer wrong")), Err(CallError::Unauthenticated(_))));
+        let c = k.check(&md("Bearer secret")).unwrap();
+        assert_eq!(c.key_name.as_deref(), Some("a"));
+        assert!(c.may_use("chat"));
+        assert!(!c.may_use("other"));
+    }
+}

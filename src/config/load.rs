@@ -1,0 +1,313 @@
+//! Reading and checking a config file. Every error names the key and, where
+//! the file has it, the line, so an operator can fix it without guessing.
+
+use std::{fmt, path::Path};
+
+use super::schema::{Config, ProviderKind};
+
+const DEFAULT: &str = include_str!("default.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, when there is one.
+    pub file: Option<String>,
+    /// The key, as a path like `models.chat.targets[0].provider`.
+    pub key: Option<String>,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("config")?;
+        if let Some(file) = &self.file {
+            write!(f, " {file}")?;
+        }
+        if let Some(line) = self.line {
+            write!(f, " line {line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, " key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The embedded default: a mock provider and a `mock` model.
+pub fn load_default() -> Result<Config, ConfigError> {
+    parse(DEFAULT, None)
+}
+
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.display().to_string()),
+        key: None,
+        line: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, Some(&path.display().to_string()))
+}
+
+/// Parses and checks a config text.
+pub fn parse(text: &str, file: Option<&str>) -> Result<Config, ConfigError> {
+    let err = |key: Option<String>, line: Option<usize>, message: String| ConfigError {
+        file: file.map(str::to_owned),
+        key,
+        line,
+        message,
+    };
+    let config: Config = serde_saphyr::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        let line = line_in_message(&message);
+        let key = key_in_message(&message);
+        err(key, line, message)
+    })?;
+    validate(&config, text).map_err(|(path, message)| {
+        let line = locate(text, &path);
+        err(Some(path.join(".").replace(".[", "[")), line, message)
+    })?;
+    Ok(config)
+}
+
+/// The semantic checks serde cannot do. Returns the key path of a problem.
+fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
+    let p = |parts: &[&str]| parts.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    if c.models.is_empty() {
+        return Err((p(&["models"]), "at least one model is needed".into()));
+    }
+    for (name, provider) in &c.providers {
+        if provider.kind != ProviderKind::Mock {
+            let url = if provider.base_url.is_empty() {
+                default_base_url(provider.kind).to_owned()
+            } else {
+                provider.base_url.clone()
+            };
+            match reqwest::Url::parse(&url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err((
+                        p(&["providers", name, "base_url"]),
+                        format!("{url:?} is not an http(s) URL"),
+                    ));
+                }
+            }
+        }
+        if let Some(var) = &provider.api_key_env {
+            let ok = !var.is_empty()
+                && var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                && !var.starts_with(|ch: char| ch.is_ascii_digit());
+            if !ok {
+                return Err((
+                    p(&["providers", name, "api_key_env"]),
+                    "must name an environment variable (letters, digits, _), not hold a key".into(),
+                ));
+            }
+        }
+        if let Some(proxy) = &provider.proxy
+            && reqwest::Url::parse(proxy).is_err()
+        {
+            return Err((p(&["providers", name, "proxy"]), format!("{proxy:?} is not a URL")));
+        }
+    }
+    for (name, model) in &c.models {
+        if model.targets.is_empty() {
+            return Err((p(&["models", name, "targets"]), "at least one target is needed".into()));
+        }
+        for (i, t) in model.targets.iter().enumerate() {
+            let at = |field: &str| {
+                vec!["models".into(), name.clone(), "targets".into(), format!("[{i}]"), field.into()]
+            };
+            if !c.providers.contains_key(&t.provider) {
+                return Err((
+                    at("provider"),
+                    format!("no provider named {:?} under `providers`", t.provider),
+                ));
+            }
+            if t.model.is_empty() {
+                return Err((at("model"), "must not be empty".into()));
+            }
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, k) in c.api_keys.iter().enumerate() {
+        let at = |field: &str| vec!["api_keys".into(), format!("[{i}]"), field.into()];
+        if k.name.is_empty() {
+            return Err((at("name"), "must not be empty".into()));
+        }
+        if !names.insert(k.name.as_str()) {
+            return Err((at("name"), format!("{:?} is used twice", k.name)));
+        }
+        let hex_ok = k.key_sha256.len() == 64 && k.key_sha256.chars().all(|ch| ch.is_ascii_hexdigit());
+        if !hex_ok {
+            return Err((
+                at("key_sha256"),
+                "must be the 64 hex digits of the key's SHA-256 (`printf %s KEY | sha256sum`)".into(),
+            ));
+        }
+        for m in &k.models {
+            if m != "*" && !c.models.contains_key(m) {
+                return Err((at("models"), format!("no model named {m:?} under `models`")));
+            }
+        }
+    }
+    let t = &c.telemetry;
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        return Err((p(&["telemetry", "sample_ratio"]), "must be between 0 and 1".into()));
+    }
+    if c.server.max_concurrent_streams == 0 {
+        return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// The public endpoint of a vendor's API.
+pub fn default_base_url(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Openai => "https://api.openai.com/v1",
+        ProviderKind::Anthropic => "https://api.anthropic.com/v1",
+        ProviderKind::Mock => "",
+    }
+}
+
+/// The line of a key path in a YAML text, by indentation: good enough for
+/// block-style files, which is what operators write.
+fn locate(text: &str, path: &[String]) -> Option<usize> {
+    let mut want = path.iter().peekable();
+    let mut found = None;
+    let mut min_indent = 0usize;
+    let mut index_seen: Option<(usize, usize)> = None; // (wanted index, seen so far)
+    for (no, line) in text.lines().enumerate() {
+        let Some(key) = want.peek() else { break };
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        if indent < min_indent && found.is_some() {
+            break;
+        }
+        if let Some(idx) = key.strip_prefix('[').and_then(|k| k.strip_suffix(']')) {
+            let Ok(idx) = idx.parse::<usize>() else { break };
+            if trimmed.starts_with('-') && indent >= min_indent {
+                let (wanted, seen) = index_seen.unwrap_or((idx, 0));
+                if seen == wanted {
+                    found = Some(no + 1);
+                    want.next();
+                    min_indent = indent + 1;
+                    index_seen = None;
+                    // A flow or inline item holds its keys on this line.
+                    let rest = trimmed.trim_start_matches('-').trim_start();
+                    while let Some(k) = want.peek() {
+                        if rest.contains(&format!("{k}:")) || rest.starts_with(&format!("{k}:")) {
+                            want.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    if rest.starts_with('{') {
+                        break;
+                    }
+                } else {
+                    index_seen = Some((wanted, seen + 1));
+                }
+            }
+            continue;
+        }
+        let bare = trimmed.trim_start_matches("- ");
+        let quoted = |k: &str| bare.starts_with(&format!("\"{k}\":")) || bare.starts_with(&format!("'{k}':"));
+        if indent >= min_indent && (bare.starts_with(&format!("{key}:")) || quoted(key)) {
+            found = Some(no + 1);
+            want.next();
+            min_indent = indent + 1;
+        }
+    }
+    found
+}
+
+fn line_in_message(message: &str) -> Option<usize> {
+    let at = message.find("line ")?;
+    let digits: String = message[at + 5..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn key_in_message(message: &str) -> Option<String> {
+    // serde names fields in backticks: "unknown field `foo`", "missing field `bar`".
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+listen: 127.0.0.1:0
+providers:
+  openai:
+    kind: openai
+    base_url: http://127.0.0.1:9/v1
+    api_key_env: OPENAI_API_KEY
+  m:
+    kind: mock
+models:
+  chat:
+    targets:
+      - { provider: openai, model: gpt-4o-mini }
+  other:
+    targets:
+      - provider: m
+        model: mock
+api_keys:
+  - { name: team-a, key_sha256: \"2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\", models: [chat] }
+";
+
+    #[test]
+    fn parses_the_contract_example() {
+        let c = parse(GOOD, None).unwrap();
+        assert_eq!(c.models["chat"].targets[0].model, "gpt-4o-mini");
+        assert_eq!(c.api_keys[0].models, vec!["chat"]);
+        assert_eq!(c.server.shutdown_grace.as_secs(), 30);
+    }
+
+    #[test]
+    fn default_is_valid() {
+        let c = load_default().unwrap();
+        assert!(c.models.contains_key("mock"));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = GOOD.replace("    kind: mock\n", "    kind: mock\n    tokens_typo: 3\n");
+        let e = parse(&text, Some("f.yaml")).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("tokens_typo"), "{shown}");
+        assert_eq!(e.line, Some(9), "{shown}");
+    }
+
+    #[test]
+    fn unknown_provider_names_key_and_line() {
+        let text = GOOD.replace("provider: m\n", "provider: nope\n");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("models.other.targets[0].provider"));
+        assert_eq!(e.line, Some(15), "{e}");
+    }
+
+    #[test]
+    fn flow_item_line() {
+        let text = GOOD.replace("provider: openai,", "provider: nope,");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.line, Some(12), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_hash() {
+        let text = format!("{GOOD}server:\n  shutdown_grace: soon\n");
+        let e = parse(&text, None).unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+        let text = GOOD.replace("2c26b4", "zz26b4");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("api_keys[0].key_sha256"));
+        assert_eq!(e.line, Some(18), "{e}");
+    }
+}

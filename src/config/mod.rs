@@ -1,0 +1,8 @@
+//! The gateway's configuration: one YAML file (CONTRACT.md section 3), or the
+//! embedded default. Read by every other module; imports none of them.
+
+mod load;
+mod schema;
+
+pub use load::{ConfigError, default_base_url, load_default, load_file, parse};
+pub use schema::*;

@@ -1,0 +1,217 @@
+//! The shape of the config file. Every key is documented in
+//! `config/example.yaml`; unknown keys are refused so a typo is not ignored.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 50051))
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9464))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// How long calls in flight may run on after SIGTERM before they are cancelled.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Deadline for a call that carries no `grpc-timeout`; 0 means none.
+    #[serde(deserialize_with = "duration")]
+    pub default_timeout: Duration,
+    /// Most concurrent gRPC streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive ping interval towards clients; 0 turns it off.
+    #[serde(deserialize_with = "duration")]
+    pub http2_keepalive_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(30),
+            default_timeout: Duration::from_secs(600),
+            max_concurrent_streams: 1024,
+            http2_keepalive_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Openai,
+    Anthropic,
+    Mock,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// Defaults to the vendor's public API for `openai` and `anthropic`.
+    #[serde(default)]
+    pub base_url: String,
+    /// The environment variable holding the API key; the key itself never
+    /// sits in the file.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub timeouts: ProviderTimeouts,
+    /// An HTTP(S) proxy for this provider's requests.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    #[serde(default = "default_pool")]
+    pub pool_max_idle_per_host: usize,
+    /// `max_tokens` sent when the caller gives none (Anthropic requires one).
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+    /// Behaviour of a `mock` provider.
+    #[serde(default)]
+    pub mock: MockConfig,
+}
+
+fn default_pool() -> usize {
+    256
+}
+
+fn default_max_tokens() -> u32 {
+    4096
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderTimeouts {
+    /// TCP (and TLS) connect.
+    #[serde(deserialize_with = "duration")]
+    pub connect: Duration,
+    /// Longest silence while reading a response, headers or body.
+    #[serde(deserialize_with = "duration")]
+    pub read: Duration,
+}
+
+impl Default for ProviderTimeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(5), read: Duration::from_secs(120) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockConfig {
+    /// Tokens in each answer.
+    pub tokens: u32,
+    /// Pause before the first token.
+    #[serde(deserialize_with = "duration")]
+    pub first_token_delay: Duration,
+    /// Pause between tokens.
+    #[serde(deserialize_with = "duration")]
+    pub token_delay: Duration,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self { tokens: 16, first_token_delay: Duration::ZERO, token_delay: Duration::ZERO }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Tried in order until one answers.
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A name under `providers`.
+    pub provider: String,
+    /// The model id sent upstream.
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key; recorded on traces and logs, never the key.
+    pub name: String,
+    /// Hex SHA-256 of the key.
+    pub key_sha256: String,
+    /// Model names this key may use; empty or `["*"]` means all.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` wins when set.
+    pub log_level: String,
+    /// OTLP/gRPC collector; `OTEL_EXPORTER_OTLP_ENDPOINT` wins when set.
+    pub otlp_endpoint: Option<String>,
+    /// `OTEL_SERVICE_NAME` wins when set.
+    pub service_name: String,
+    /// Fraction of root traces sampled (parent-based); `OTEL_TRACES_SAMPLER*` win.
+    pub sample_ratio: f64,
+    /// Record prompts and completions on spans and logs.
+    pub record_content: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            service_name: "llm-gateway".into(),
+            sample_ratio: 1.0,
+            record_content: false,
+        }
+    }
+}
+
+/// A duration written as `30s`, `250ms`, `1m 30s`, or a bare number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+            serde::de::Error::custom(format!("{t:?} is not a duration like \"30s\" or \"250ms\": {e}"))
+        }),
+    }
+}

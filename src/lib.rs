@@ -1,0 +1,12 @@
+//! llm-gateway: a streaming-first gRPC gateway to LLM providers.
+//! `app` is the composition root; the other modules are its layers.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod chat;
+pub mod config;
+pub mod providers;
+pub mod routing;
+pub mod server;
+pub mod telemetry;

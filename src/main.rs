@@ -1,0 +1,130 @@
+//! The `llm-gateway` command: serve (the default) or check a config file.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use llm_gateway::{app, config, telemetry};
+
+#[derive(Parser)]
+#[command(version, about = "A streaming-first gRPC gateway to LLM providers")]
+struct Cli {
+    /// The YAML config file; without it (and without LLM_GATEWAY_CONFIG), the
+    /// embedded default: a `mock` model, no keys.
+    #[arg(long, env = "LLM_GATEWAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC and the admin listener (the default).
+    Serve,
+    /// Validate a config file without serving; exits non-zero on the first problem.
+    CheckConfig {
+        /// The file to check (defaults to --config).
+        path: Option<PathBuf>,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<config::Config, config::ConfigError> {
+    match path {
+        Some(p) => config::load_file(p),
+        None => config::load_default(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { path }) => {
+            let Some(path) = path.or(cli.config) else {
+                eprintln!("check-config: give a PATH (or --config)");
+                return ExitCode::from(2);
+            };
+            match config::load_file(&path) {
+                Ok(c) => {
+                    println!(
+                        "{}: ok ({} provider(s), {} model(s), {} key(s))",
+                        path.display(),
+                        c.providers.len(),
+                        c.models.len(),
+                        c.api_keys.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None | Some(Command::Serve) => {
+            let config = match load(cli.config.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: config::Config) -> ExitCode {
+    let telemetry = match telemetry::init(&config.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = match app::Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            telemetry.shutdown();
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = app::run(config, listeners, shutdown_signal()).await;
+    telemetry.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

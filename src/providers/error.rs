@@ -1,0 +1,80 @@
+//! What can go wrong talking to an upstream, typed so that routing can decide
+//! whether to try again and `api/` can map it to a status.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ProviderError {
+    /// The provider could not be set up (bad base_url, missing key variable).
+    #[error("provider setup: {0}")]
+    Setup(String),
+    /// No connection could be made, or the request could not be sent.
+    #[error("upstream connection failed: {0}")]
+    Connect(String),
+    /// The upstream answered with a non-success HTTP status.
+    #[error("upstream returned HTTP {status}: {message}")]
+    Status { status: u16, message: String, retry_after: Option<Duration> },
+    /// The upstream's body broke off (reset, timeout between reads).
+    #[error("upstream stream broke: {0}")]
+    Stream(String),
+    /// The upstream sent something that is not its wire format.
+    #[error("upstream sent malformed data: {0}")]
+    Protocol(String),
+    /// The upstream reported an error inside its stream.
+    #[error("upstream error ({kind}): {message}")]
+    Upstream { kind: String, message: String },
+}
+
+impl ProviderError {
+    /// Whether another attempt (same or next target) may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ProviderError::Setup(_) => false,
+            ProviderError::Status { status, .. } => {
+                matches!(status, 401 | 403 | 408 | 409 | 429) || *status >= 500
+            }
+            ProviderError::Connect(_)
+            | ProviderError::Stream(_)
+            | ProviderError::Protocol(_)
+            | ProviderError::Upstream { .. } => true,
+        }
+    }
+
+    /// The upstream rejected the request itself: a caller's error.
+    pub fn is_invalid_request(&self) -> bool {
+        match self {
+            ProviderError::Status { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429)
+            }
+            ProviderError::Upstream { kind, .. } => kind == "invalid_request_error",
+            _ => false,
+        }
+    }
+
+    /// A low-cardinality label for metrics and `error.type`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProviderError::Setup(_) => "setup",
+            ProviderError::Connect(_) => "connect",
+            ProviderError::Status { status, .. } => match status {
+                429 => "rate_limited",
+                401 | 403 => "unauthorized",
+                408 => "timeout",
+                400..=499 => "invalid_request",
+                _ => "server_error",
+            },
+            ProviderError::Stream(_) => "stream_broken",
+            ProviderError::Protocol(_) => "malformed",
+            ProviderError::Upstream { .. } => "upstream_error",
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}

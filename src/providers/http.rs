@@ -1,0 +1,212 @@
+//! The HTTP side every HTTP provider shares: one pooled client per provider,
+//! the key from the environment, sending a request and typing a refusal.
+
+use std::{sync::Once, time::Duration};
+
+use reqwest::{Client, RequestBuilder, Response, header::HeaderMap};
+
+use super::ProviderError;
+use crate::config::ProviderConfig;
+
+/// Largest error body read from an upstream, so a hostile one cannot make us
+/// buffer without bound.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Longest provider message carried into a status.
+const MAX_ERROR_MESSAGE: usize = 1024;
+
+static CRYPTO: Once = Once::new();
+
+/// Builds the provider's pooled client from its config.
+pub(crate) fn client(config: &ProviderConfig) -> Result<Client, ProviderError> {
+    CRYPTO.call_once(|| {
+        // Only ring is compiled in; installing twice is harmless and ignored.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    let t = &config.timeouts;
+    let mut builder = Client::builder()
+        .connect_timeout(t.connect)
+        .read_timeout(t.read)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_while_idle(false)
+        .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")));
+    if let Some(proxy) = &config.proxy {
+        let proxy = reqwest::Proxy::all(proxy).map_err(|e| ProviderError::Setup(format!("proxy: {e}")))?;
+        builder = builder.proxy(proxy);
+    }
+    builder.build().map_err(|e| ProviderError::Setup(format!("http client: {e}")))
+}
+
+/// The provider's API key, read from the environment variable its config
+/// names. The value never reaches a log or an error message.
+pub(crate) fn api_key(config: &ProviderConfig) -> Result<Option<String>, ProviderError> {
+    let Some(var) = &config.api_key_env else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Ok(Some(v)),
+        _ => Err(ProviderError::Setup(format!("environment variable {var} (api_key_env) is not set"))),
+    }
+}
+
+/// Host and port of a base URL, for telemetry.
+pub(crate) fn server_of(base_url: &str) -> Option<(String, u16)> {
+    let url = reqwest::Url::parse(base_url).ok()?;
+    Some((url.host_str()?.to_owned(), url.port_or_known_default()?))
+}
+
+/// Sends the request; a non-2xx answer becomes [`ProviderError::Status`]
+/// carrying the provider's own message.
+pub(crate) async fn send(request: RequestBuilder) -> Result<Response, ProviderError> {
+    let response = request.send().await.map_err(|e| {
+        if e.is_timeout() {
+            ProviderError::Connect("timed out".into())
+        } else {
+            ProviderError::Connect(error_chain(&e))
+        }
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = retry_after(response.headers());
+    let body = read_bounded(response).await;
+    Err(ProviderError::Status {
+        status: status.as_u16(),
+        message: error_message(&body, status.canonical_reason().unwrap_or("")),
+        retry_after,
+    })
+}
+
+/// The whole cause chain of an error, which reqwest keeps out of `Display`.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+async fn read_bounded(mut response: Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ERROR_BODY.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    body
+}
+
+/// The provider's message from an error body: OpenAI's and Anthropic's
+/// `{"error": {"message": …}}`, Gemini's likewise, a bare `{"message": …}`,
+/// or the text itself.
+pub(crate) fn error_message(body: &[u8], fallback: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        let v = if let Some(arr) = v.as_array() { arr.first()? } else { v };
+        v.pointer("/error/message")
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("error").filter(|e| e.is_string()))
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+    });
+    let mut message = message.unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned());
+    if message.is_empty() {
+        message = fallback.to_owned();
+    }
+    truncate(message, MAX_ERROR_MESSAGE)
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// `Retry-After` (seconds or an HTTP date) or `retry-after-ms`.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = humantime::parse_rfc3339_weak(value).ok().or_else(|| httpdate(value))?;
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+/// IMF-fixdate, the only HTTP date form servers send today.
+fn httpdate(value: &str) -> Option<std::time::SystemTime> {
+    // "Sun, 06 Nov 1994 08:49:37 GMT"
+    let rest = value.split_once(", ")?.1;
+    let mut parts = rest.split(' ');
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: u64 = parts.next()?.parse().ok()?;
+    let time = parts.next()?;
+    let iso = format!("{year:04}-{month:02}-{day:02}T{time}Z");
+    humantime::parse_rfc3339(&iso).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_forms() {
+        assert_eq!(error_message(br#"{"error":{"message":"bad model","type":"x"}}"#, ""), "bad model");
+        assert_eq!(
+            error_message(br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too big"}}"#, ""),
+            "max_tokens: too big"
+        );
+        assert_eq!(error_message(b"plain text\n", ""), "plain text");
+        assert_eq!(error_message(b"", "Bad Request"), "Bad Request");
+        assert_eq!(error_message(br#"[{"error":{"message":"g"}}]"#, ""), "g");
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", "250".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+}

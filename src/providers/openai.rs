@@ -1,0 +1,409 @@
+//! The OpenAI chat-completions wire format, spoken by OpenAI and by every
+//! OpenAI-compatible API (OpenRouter, DeepSeek, Qwen, vLLM, Ollama, …).
+
+use std::borrow::Cow;
+
+use eventsource_stream::Event;
+use futures_util::{FutureExt, future::BoxFuture};
+use reqwest::Client;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    DeltaStream, Provider, ProviderError, UpstreamCall, http,
+    sse::{self, Translate},
+};
+use crate::{
+    chat::{
+        ChatRequest, Delta, Finish, FinishReason, Message, ResponseFormat, Role, ToolCallDelta, ToolChoice,
+        Usage,
+    },
+    config::ProviderConfig,
+};
+
+pub struct OpenAi {
+    client: Client,
+    url: String,
+    api_key: Option<String>,
+    server: Option<(String, u16)>,
+}
+
+impl OpenAi {
+    pub fn new(_name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
+        let base = config.base_url.trim_end_matches('/');
+        Ok(Self {
+            client: http::client(config)?,
+            url: format!("{base}/chat/completions"),
+            api_key: http::api_key(config)?,
+            server: http::server_of(base),
+        })
+    }
+}
+
+impl Provider for OpenAi {
+    fn system(&self) -> &'static str {
+        "openai"
+    }
+
+    fn server(&self) -> Option<(String, u16)> {
+        self.server.clone()
+    }
+
+    fn stream(&self, call: UpstreamCall) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
+        let mut request = self
+            .client
+            .post(&self.url)
+            .headers(call.headers)
+            .header("accept", "text/event-stream")
+            .json(&body(&call.request, &call.model));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        async move {
+            let response = http::send(request).await?;
+            Ok(sse::deltas(response, Translator::default()))
+        }
+        .boxed()
+    }
+}
+
+/// The request body: `stream: true` with usage in the last chunk.
+pub(crate) fn body(req: &ChatRequest, model: &str) -> Value {
+    let mut body = json!({
+        "model": model,
+        "messages": req.messages.iter().map(message).collect::<Vec<_>>(),
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    let Some(obj) = body.as_object_mut() else {
+        return body;
+    };
+    if let Some(v) = req.max_tokens {
+        obj.insert("max_tokens".into(), v.into());
+    }
+    if let Some(v) = req.temperature {
+        obj.insert("temperature".into(), v.into());
+    }
+    if let Some(v) = req.top_p {
+        obj.insert("top_p".into(), v.into());
+    }
+    if !req.stop.is_empty() {
+        obj.insert("stop".into(), req.stop.clone().into());
+    }
+    if let Some(v) = req.seed {
+        obj.insert("seed".into(), v.into());
+    }
+    if !req.user.is_empty() {
+        obj.insert("user".into(), req.user.clone().into());
+    }
+    if !req.tools.is_empty() {
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters,
+                }})
+            })
+            .collect();
+        obj.insert("tools".into(), tools.into());
+    }
+    match &req.tool_choice {
+        ToolChoice::Unset => {}
+        ToolChoice::Auto => _ = obj.insert("tool_choice".into(), "auto".into()),
+        ToolChoice::None => _ = obj.insert("tool_choice".into(), "none".into()),
+        ToolChoice::Required => _ = obj.insert("tool_choice".into(), "required".into()),
+        ToolChoice::Named(name) => {
+            obj.insert("tool_choice".into(), json!({"type": "function", "function": {"name": name}}));
+        }
+    }
+    match &req.response_format {
+        ResponseFormat::Text => {}
+        ResponseFormat::JsonObject => {
+            obj.insert("response_format".into(), json!({"type": "json_object"}));
+        }
+        ResponseFormat::JsonSchema { name, schema, strict } => {
+            obj.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {
+                    "name": name, "schema": schema, "strict": strict,
+                }}),
+            );
+        }
+    }
+    body
+}
+
+fn message(m: &Message) -> Value {
+    let mut v = json!({ "role": m.role.as_str(), "content": m.content });
+    let Some(obj) = v.as_object_mut() else {
+        return v;
+    };
+    if !m.name.is_empty() {
+        obj.insert("name".into(), m.name.clone().into());
+    }
+    if m.role == Role::Assistant && !m.tool_calls.is_empty() {
+        let calls: Vec<Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments_json}})
+            })
+            .collect();
+        obj.insert("tool_calls".into(), calls.into());
+        if m.content.is_empty() {
+            obj.insert("content".into(), Value::Null);
+        }
+    }
+    if !m.tool_call_id.is_empty() {
+        obj.insert("tool_call_id".into(), m.tool_call_id.clone().into());
+    }
+    v
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Option<WireDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<WireFunction>,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Default, Clone, Copy)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+}
+
+/// Chunks to deltas. The finish reason and the usage arrive in separate
+/// chunks; both are held back and sent together in the final delta at
+/// `[DONE]`, so that callers see them on the last message only.
+#[derive(Default)]
+pub(crate) struct Translator {
+    started: bool,
+    finish_reason: Option<FinishReason>,
+    saw_finish: bool,
+    usage: Usage,
+}
+
+impl Translator {
+    fn finish(&mut self) -> Delta {
+        Delta { finish: Some(Finish { reason: self.finish_reason, usage: self.usage }), ..Delta::default() }
+    }
+}
+
+impl Translate for Translator {
+    fn event(&mut self, event: Event) -> Result<Option<Delta>, ProviderError> {
+        let data = event.data.trim();
+        if data.is_empty() {
+            return Ok(None);
+        }
+        if data == "[DONE]" {
+            return Ok(Some(self.finish()));
+        }
+        let chunk: Chunk<'_> = sse::json(data)?;
+        if let Some(error) = chunk.error {
+            return Err(ProviderError::Upstream {
+                kind: error
+                    .get("type")
+                    .or_else(|| error.get("code"))
+                    .map(|t| t.as_str().map(str::to_owned).unwrap_or_else(|| t.to_string()))
+                    .unwrap_or_else(|| "error".into()),
+                message: http::error_message(data.as_bytes(), "error"),
+            });
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Usage { input_tokens: u.prompt_tokens, output_tokens: u.completion_tokens };
+        }
+        let mut delta = Delta::default();
+        if !self.started {
+            delta.id = chunk.id.map(Cow::into_owned);
+            delta.model = chunk.model.map(Cow::into_owned);
+        }
+        // n > 1 is not part of our API: only the first choice is followed.
+        if let Some(choice) = chunk.choices.into_iter().next() {
+            if let Some(reason) = choice.finish_reason {
+                self.saw_finish = true;
+                self.finish_reason = finish_reason(&reason);
+            }
+            if let Some(d) = choice.delta {
+                delta.content = d.content.unwrap_or_default();
+                for call in d.tool_calls.unwrap_or_default() {
+                    let function = call.function;
+                    let (name, arguments) = match function {
+                        Some(f) => (f.name.unwrap_or_default(), f.arguments.unwrap_or_default()),
+                        None => Default::default(),
+                    };
+                    delta.tool_calls.push(ToolCallDelta {
+                        index: call.index,
+                        id: call.id.unwrap_or_default(),
+                        name,
+                        arguments_delta: arguments,
+                    });
+                }
+            }
+        }
+        if delta.content.is_empty() && delta.tool_calls.is_empty() && self.started {
+            return Ok(None);
+        }
+        self.started = true;
+        Ok(Some(delta))
+    }
+
+    fn eof(&mut self) -> Result<Option<Delta>, ProviderError> {
+        // Some compatible servers close without `[DONE]`; a finish reason
+        // already seen means the answer is whole.
+        if self.saw_finish {
+            Ok(Some(self.finish()))
+        } else {
+            Err(ProviderError::Stream("upstream closed the stream before the answer finished".into()))
+        }
+    }
+}
+
+fn finish_reason(reason: &str) -> Option<FinishReason> {
+    Some(match reason {
+        "stop" | "eos" | "end_turn" | "stop_sequence" => FinishReason::Stop,
+        "length" | "max_tokens" => FinishReason::Length,
+        "tool_calls" | "function_call" | "tool_use" => FinishReason::ToolCalls,
+        "content_filter" => FinishReason::ContentFilter,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(data: &str) -> Event {
+        Event { event: "message".into(), data: data.into(), id: String::new(), retry: None }
+    }
+
+    #[test]
+    fn translates_a_stream() {
+        let mut t = Translator::default();
+        let first = t
+            .event(ev(r#"{"id":"c1","model":"gpt-x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.model.as_deref(), Some("gpt-x"));
+        assert_eq!(first.id.as_deref(), Some("c1"));
+        let d = t
+            .event(ev(r#"{"id":"c1","model":"gpt-x","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.content, "Hel");
+        assert!(d.model.is_none());
+        assert!(
+            t.event(ev(r#"{"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#))
+                .unwrap()
+                .is_none()
+        );
+        assert!(t
+            .event(ev(r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#))
+            .unwrap()
+            .is_none());
+        let last = t.event(ev("[DONE]")).unwrap().unwrap();
+        let finish = last.finish.unwrap();
+        assert_eq!(finish.reason, Some(FinishReason::Length));
+        assert_eq!(finish.usage, Usage { input_tokens: 5, output_tokens: 2 });
+    }
+
+    #[test]
+    fn tool_call_fragments() {
+        let mut t = Translator::default();
+        let d = t
+            .event(ev(r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":""}}]}}]}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.tool_calls[0].id, "call_1");
+        assert_eq!(d.tool_calls[0].name, "get");
+        let d = t
+            .event(ev(
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}}]}"#,
+            ))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.tool_calls[0].arguments_delta, "{\"a\":");
+    }
+
+    #[test]
+    fn errors_in_stream_and_early_close() {
+        let mut t = Translator::default();
+        let e = t.event(ev(r#"{"error":{"message":"boom","type":"server_error"}}"#)).unwrap_err();
+        assert!(
+            matches!(e, ProviderError::Upstream { ref kind, ref message } if kind == "server_error" && message == "boom")
+        );
+        assert!(matches!(t.event(ev("{not json")), Err(ProviderError::Protocol(_))));
+        assert!(Translator::default().eof().is_err());
+    }
+
+    #[test]
+    fn request_body_carries_parameters() {
+        let req = ChatRequest {
+            messages: vec![Message::new(Role::System, "be brief"), Message::new(Role::User, "hi")],
+            max_tokens: Some(7),
+            temperature: Some(0.5),
+            top_p: Some(0.25),
+            stop: vec!["\n".into()],
+            seed: Some(42),
+            user: "u1".into(),
+            ..ChatRequest::default()
+        };
+        let b = body(&req, "m");
+        assert_eq!(b["model"], "m");
+        assert_eq!(b["stream"], true);
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        assert_eq!(b["messages"][0]["role"], "system");
+        assert_eq!(b["messages"][1]["content"], "hi");
+        assert_eq!(b["max_tokens"], 7);
+        assert_eq!(b["temperature"], 0.5);
+        assert_eq!(b["top_p"], 0.25);
+        assert_eq!(b["stop"][0], "\n");
+        assert_eq!(b["seed"], 42);
+        assert_eq!(b["user"], "u1");
+    }
+}

@@ -1,0 +1,116 @@
+//! Turns an upstream SSE body into a [`DeltaStream`] through a per-provider
+//! translator, driven by the caller's reads: no task, no channel, so dropping
+//! the stream drops the upstream body and with it the connection.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::Stream;
+
+use super::{DeltaStream, ProviderError, http::error_chain};
+use crate::chat::Delta;
+
+/// A stateful translation of one provider's SSE events into deltas.
+pub(crate) trait Translate: Send + Unpin + 'static {
+    /// Handles one event. Returns a delta to forward, if the event makes one;
+    /// the final delta is the one with `finish` set.
+    fn event(&mut self, event: Event) -> Result<Option<Delta>, ProviderError>;
+
+    /// The upstream closed its body. Returns the final delta when the answer
+    /// is complete without an explicit end marker, or an error.
+    fn eof(&mut self) -> Result<Option<Delta>, ProviderError>;
+}
+
+/// The deltas of an SSE response, translated by `translator`.
+pub(crate) fn deltas<T: Translate>(response: reqwest::Response, translator: T) -> DeltaStream {
+    Box::pin(Translated {
+        events: Box::pin(response.bytes_stream().eventsource()),
+        translator,
+        state: State::Open,
+    })
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+
+#[derive(PartialEq)]
+enum State {
+    Open,
+    /// The final delta was forwarded; what is left of the body is drained.
+    Finished,
+    Closed,
+}
+
+struct Translated<T> {
+    events: Events,
+    translator: T,
+    state: State,
+}
+
+impl<T: Translate> Stream for Translated<T> {
+    type Item = Result<Delta, ProviderError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match this.state {
+                State::Closed => return Poll::Ready(None),
+                State::Finished => {
+                    // Reading the body to its end (usually the chunked
+                    // terminator, already buffered) returns the connection to
+                    // the pool; if the upstream lingers, drop it instead.
+                    this.state = State::Closed;
+                    while let Poll::Ready(Some(Ok(_))) = this.events.as_mut().poll_next(cx) {}
+                    return Poll::Ready(None);
+                }
+                State::Open => {}
+            }
+            let item = match ready!(this.events.as_mut().poll_next(cx)) {
+                Some(Ok(event)) => this.translator.event(event),
+                Some(Err(e)) => Err(stream_error(e)),
+                None => {
+                    this.state = State::Closed;
+                    match this.translator.eof() {
+                        Ok(Some(delta)) => return Poll::Ready(Some(Ok(delta))),
+                        Ok(None) => return Poll::Ready(None),
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    }
+                }
+            };
+            match item {
+                Ok(Some(delta)) => {
+                    if delta.finish.is_some() {
+                        this.state = State::Finished;
+                    }
+                    return Poll::Ready(Some(Ok(delta)));
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    this.state = State::Closed;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+}
+
+fn stream_error(e: EventStreamError<reqwest::Error>) -> ProviderError {
+    match e {
+        EventStreamError::Transport(e) => ProviderError::Stream(error_chain(&e)),
+        EventStreamError::Utf8(e) => ProviderError::Protocol(format!("invalid UTF-8: {e}")),
+        EventStreamError::Parser(e) => ProviderError::Protocol(format!("invalid SSE: {e}")),
+    }
+}
+
+/// Parses an event's JSON payload, naming the event on failure.
+pub(crate) fn json<'a, D: serde::Deserialize<'a>>(data: &'a str) -> Result<D, ProviderError> {
+    serde_json::from_str(data).map_err(|e| {
+        let mut shown: String = data.chars().take(120).collect();
+        if shown.len() < data.len() {
+            shown.push('…');
+        }
+        ProviderError::Protocol(format!("{e} in event data {shown:?}"))
+    })
+}

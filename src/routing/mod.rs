@@ -1,0 +1,162 @@
+//! Between `api/` and `providers/`: which upstream serves a model, and what
+//! happens when one fails. A call is retried on the next target only before
+//! its first delta reaches the caller (the commit point); after that a failure
+//! ends the stream. Breakers, retries and limits slot in here.
+
+mod attempt;
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use futures_util::StreamExt;
+use thiserror::Error;
+use tracing::Instrument;
+
+pub use attempt::{Attempt, RoutedStream};
+
+use crate::{
+    chat::ChatRequest,
+    config::Config,
+    providers::{self, Provider, ProviderError, UpstreamCall},
+    telemetry::{self, metrics::Metrics},
+};
+
+/// One provider and upstream model that can serve a model name.
+pub struct Target {
+    pub provider_name: Arc<str>,
+    pub provider: Arc<dyn Provider>,
+    pub model: Arc<str>,
+}
+
+pub struct Route {
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Error)]
+pub enum RouteError {
+    #[error("model {0:?} is not configured")]
+    UnknownModel(String),
+    /// Every target failed; the last failure is kept, it decides the status.
+    #[error("all {attempts} target(s) failed; last: {last}")]
+    Exhausted { attempts: usize, provider: Arc<str>, model: Arc<str>, last: ProviderError },
+}
+
+pub struct Router {
+    routes: HashMap<String, Route>,
+    metrics: Arc<Metrics>,
+}
+
+/// The committed call: which target answers, and its deltas (the first one
+/// already received).
+pub struct Routed {
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    pub stream: RoutedStream,
+}
+
+impl Router {
+    /// Builds every provider of the config and the routes that use them.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, (String, ProviderError)> {
+        let mut providers: HashMap<&str, Arc<dyn Provider>> = HashMap::new();
+        for (name, p) in &config.providers {
+            let mut p = p.clone();
+            if p.base_url.is_empty() {
+                p.base_url = crate::config::default_base_url(p.kind).to_owned();
+            }
+            let built = providers::build(name, &p).map_err(|e| (name.clone(), e))?;
+            providers.insert(name.as_str(), built);
+        }
+        let mut routes = HashMap::new();
+        for (name, m) in &config.models {
+            let mut targets = Vec::with_capacity(m.targets.len());
+            for t in &m.targets {
+                let Some(provider) = providers.get(t.provider.as_str()) else {
+                    return Err((t.provider.clone(), ProviderError::Setup("no such provider".into())));
+                };
+                targets.push(Target {
+                    provider_name: t.provider.as_str().into(),
+                    provider: provider.clone(),
+                    model: t.model.as_str().into(),
+                });
+            }
+            routes.insert(name.clone(), Route { targets });
+        }
+        Ok(Self { routes, metrics })
+    }
+
+    pub fn route(&self, model: &str) -> Option<&Route> {
+        self.routes.get(model)
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = (&String, &Route)> {
+        self.routes.iter()
+    }
+
+    /// Opens the call: tries each target in order until one yields its first
+    /// delta. Dropping the returned future aborts the attempt under way.
+    pub async fn open(
+        &self,
+        model: &str,
+        request: Arc<ChatRequest>,
+        trace: &telemetry::TraceContext,
+    ) -> Result<Routed, RouteError> {
+        let route = self.routes.get(model).ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
+        let mut last = None;
+        for target in &route.targets {
+            let mut attempt = Attempt::start(target, &request, self.metrics.clone());
+            let call = UpstreamCall {
+                request: request.clone(),
+                model: target.model.to_string(),
+                headers: trace.headers_for(attempt.span()),
+            };
+            let started = Instant::now();
+            let opened = target.provider.stream(call).instrument(attempt.span().clone()).await;
+            let mut stream = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    attempt.fail(&e);
+                    let retry = e.retryable();
+                    last = Some((target, e));
+                    if retry {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            // The first delta is the commit point: a failure before it may
+            // still go to the next target.
+            match stream.next().instrument(attempt.span().clone()).await {
+                Some(Ok(first)) => {
+                    attempt.first_token(started.elapsed(), &first);
+                    return Ok(Routed {
+                        provider: target.provider_name.clone(),
+                        model: first.model.as_deref().map(Arc::from).unwrap_or_else(|| target.model.clone()),
+                        stream: RoutedStream::new(first, stream, attempt),
+                    });
+                }
+                Some(Err(e)) => {
+                    attempt.fail(&e);
+                    let retry = e.retryable();
+                    last = Some((target, e));
+                    if retry {
+                        continue;
+                    }
+                    break;
+                }
+                None => {
+                    let e = ProviderError::Stream("upstream sent an empty stream".into());
+                    attempt.fail(&e);
+                    last = Some((target, e));
+                }
+            }
+        }
+        match last {
+            Some((target, last)) => Err(RouteError::Exhausted {
+                attempts: route.targets.len(),
+                provider: target.provider_name.clone(),
+                model: target.model.clone(),
+                last,
+            }),
+            None => Err(RouteError::UnknownModel(model.to_owned())),
+        }
+    }
+}

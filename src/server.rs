@@ -1,0 +1,86 @@
+//! The gRPC listener: accepts HTTP/2 connections and serves the routes on
+//! them, with TCP_NODELAY and bounded streams per connection. We drive hyper
+//! directly rather than tonic's `Server` so that deadlines are ours to
+//! enforce (tonic's own `grpc-timeout` handling answers CANCELLED where the
+//! contract wants DEADLINE_EXCEEDED) and so that draining is explicit.
+
+use std::time::Duration;
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::config::ServerConfig;
+
+/// Serves `routes` on `listener` until `draining` fires; then closes the
+/// listener (new connections are refused) and returns the handle that
+/// finishes the open connections gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    config: &ServerConfig,
+    draining: CancellationToken,
+) -> Drain {
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .adaptive_window(true)
+        .max_send_buf_size(1024 * 1024);
+    if !config.http2_keepalive_interval.is_zero() {
+        http2
+            .keep_alive_interval(config.http2_keepalive_interval)
+            .keep_alive_timeout(Duration::from_secs(20));
+    }
+    let service = TowerToHyperService::new(routes);
+    let graceful = GracefulShutdown::new();
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = draining.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let conn = http2.serve_connection(TokioIo::new(stream), service.clone());
+        let conn = graceful.watch(conn);
+        tracker.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    Drain { graceful, tracker }
+}
+
+/// The connections still open when the listener closed.
+pub struct Drain {
+    graceful: GracefulShutdown,
+    tracker: TaskTracker,
+}
+
+impl Drain {
+    /// Sends GOAWAY on every connection (no new calls) and waits until the
+    /// calls in flight have finished and the connections closed.
+    pub async fn finish(self) {
+        self.graceful.shutdown().await;
+        self.tracker.wait().await;
+    }
+}

@@ -1,0 +1,108 @@
+//! Installs the process-wide log and trace pipeline: structured logs to
+//! stdout, and an OTLP/gRPC span exporter when an endpoint is configured.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{Sampler, SdkTracerProvider},
+};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("telemetry.log_level / RUST_LOG: {0}")]
+    Filter(String),
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    #[error("a global subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Keeps the pipeline alive; [`Telemetry::shutdown`] flushes queued spans.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            // Flushes the batch queue; bounded by the exporter's timeout.
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "flushing spans at shutdown failed");
+            }
+        }
+    }
+}
+
+/// Must run inside the tokio runtime (the OTLP exporter's channel needs it).
+pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(v),
+        _ => EnvFilter::try_new(&config.log_level),
+    }
+    .map_err(|e| TelemetryError::Filter(e.to_string()))?;
+
+    let fmt = match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
+    };
+
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .ok()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.is_empty())
+        .or_else(|| config.otlp_endpoint.clone());
+
+    let Some(endpoint) = endpoint else {
+        tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .try_init()
+            .map_err(|_| TelemetryError::AlreadyInstalled)?;
+        return Ok(Telemetry { provider: None });
+    };
+
+    let exporter = SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let service_name = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| config.service_name.clone());
+    // Resource::builder() also reads OTEL_RESOURCE_ATTRIBUTES.
+    let resource = Resource::builder()
+        .with_service_name(service_name)
+        .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut builder = SdkTracerProvider::builder()
+        // The batch processor reads OTEL_BSP_*; its queue is bounded, so a
+        // collector that is down costs dropped spans, never a slow call.
+        .with_batch_exporter(exporter)
+        .with_resource(resource);
+    if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+        builder = builder
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio))));
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer("llm-gateway");
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    super::set_exporting(true);
+    Ok(Telemetry { provider: Some(provider) })
+}

@@ -1,0 +1,118 @@
+//! Logs, traces and metrics. Called by the other modules; calls none of them.
+//! Trace context crosses the gateway through the OpenTelemetry propagator,
+//! never a hand-written parser.
+
+mod init;
+pub mod metrics;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::{
+    Context,
+    propagation::{Extractor, Injector, TextMapCompositePropagator, TextMapPropagator},
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState},
+};
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+pub use init::{Telemetry, TelemetryError, init};
+
+/// Whether spans go to an OpenTelemetry pipeline (an OTLP endpoint is set).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_exporting(on: bool) {
+    EXPORTING.store(on, Ordering::Relaxed);
+}
+
+fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+fn propagator() -> TextMapCompositePropagator {
+    TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ])
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The caller's trace context, extracted from the call's metadata.
+pub struct TraceContext {
+    parent: Context,
+}
+
+impl TraceContext {
+    /// Extracts W3C `traceparent`, `tracestate` and `baggage`.
+    pub fn from_headers(headers: &http::HeaderMap) -> Self {
+        Self { parent: propagator().extract(&HeaderExtractor(headers)) }
+    }
+
+    /// Makes `span` a child of the caller's span (when spans are exported).
+    pub fn adopt(&self, span: &Span) {
+        if exporting() {
+            let _ = span.set_parent(self.parent.clone());
+        }
+    }
+
+    /// The trace id, for logs, when the caller sent one or a span has one.
+    pub fn trace_id(&self, span: &Span) -> Option<String> {
+        let cx = if exporting() { span.context() } else { self.parent.clone() };
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| sc.trace_id().to_string())
+    }
+
+    /// Headers for an upstream request made under `span`: its `traceparent`.
+    /// With no exporter there is no span id to give, so a fresh one is made
+    /// in the caller's trace (or a new trace), still through the propagator.
+    pub fn headers_for(&self, span: &Span) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        let cx = if exporting() {
+            span.context()
+        } else {
+            let parent = self.parent.span().span_context().clone();
+            let (trace_id, flags, state) = if parent.is_valid() {
+                (parent.trace_id(), parent.trace_flags(), parent.trace_state().clone())
+            } else {
+                (TraceId::from_bytes(random_bytes()), TraceFlags::SAMPLED, TraceState::default())
+            };
+            let span_id = SpanId::from_bytes(random_bytes());
+            let sc = SpanContext::new(trace_id, span_id, flags, false, state);
+            self.parent.with_remote_span_context(sc)
+        };
+        propagator().inject_context(&cx, &mut HeaderInjector(&mut headers));
+        headers
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let id = uuid::Uuid::new_v4();
+    let mut out = [0u8; N];
+    let src = id.as_bytes();
+    out.copy_from_slice(&src[..N]);
+    // An all-zero id is invalid; uuid v4 has fixed bits, so never all zero.
+    out
+}
