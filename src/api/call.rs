@@ -17,7 +17,7 @@ use super::error::CallError;
 use crate::{
     chat::Finish,
     telemetry::{
-        TraceContext,
+        self, TraceContext,
         metrics::{FinishedCall, Metrics},
     },
 };
@@ -41,6 +41,8 @@ pub struct Call {
     deltas: u32,
     finish: Option<Finish>,
     outcome: Option<(Code, &'static str)>,
+    /// The completion so far, when content recording is on.
+    output: Option<String>,
 }
 
 impl Call {
@@ -79,7 +81,7 @@ impl Call {
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             llm_gateway.cancelled = Empty,
-            llm_gateway.metadata = Empty,
+            llm_gateway.streamed_deltas = Empty,
             error.type = Empty,
         );
         trace.adopt(&span);
@@ -105,6 +107,7 @@ impl Call {
             deltas: 0,
             finish: None,
             outcome: None,
+            output: None,
         }
     }
 
@@ -117,12 +120,29 @@ impl Call {
         self.model = model.to_owned();
     }
 
+    /// The caller's tags, one span attribute each.
     pub fn set_metadata(&self, metadata: &std::collections::HashMap<String, String>) {
-        if !metadata.is_empty() {
-            // One attribute holding the tags, so their keys stay out of the schema.
-            let mut tags: Vec<_> = metadata.iter().collect();
-            tags.sort();
-            self.span.record("llm_gateway.metadata", format!("{tags:?}"));
+        for (k, v) in metadata {
+            telemetry::set_attribute(&self.span, format!("llm_gateway.metadata.{k}"), v.clone());
+        }
+    }
+
+    /// Prompts and completions go on the span only when the config says so.
+    pub fn record_prompt(&mut self, request: &crate::chat::ChatRequest) {
+        let messages: Vec<_> = request
+            .messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content}))
+            .collect();
+        let text = serde_json::Value::from(messages).to_string();
+        telemetry::set_attribute(&self.span, "gen_ai.input.messages".into(), text);
+        self.output = Some(String::new());
+    }
+
+    /// Adds streamed text to the recorded completion, when recording.
+    pub fn record_output(&mut self, text: &str) {
+        if let Some(out) = &mut self.output {
+            out.push_str(text);
         }
     }
 
@@ -197,6 +217,11 @@ impl Drop for Call {
         }
         if cancelled {
             self.span.record("llm_gateway.cancelled", true);
+        }
+        self.span.record("llm_gateway.streamed_deltas", self.deltas);
+        if let Some(out) = self.output.take() {
+            let text = serde_json::json!([{"role": "assistant", "content": out}]).to_string();
+            telemetry::set_attribute(&self.span, "gen_ai.output.messages".into(), text);
         }
         let usage = self.finish.map(|f| (f.usage.input_tokens, f.usage.output_tokens));
         let provider = self.provider.as_deref().unwrap_or("");

@@ -28,6 +28,8 @@ pub struct Gateway {
     pub keys: Keys,
     pub metrics: Arc<Metrics>,
     pub default_timeout: Duration,
+    /// Record prompts and completions on spans (`telemetry.record_content`).
+    pub record_content: bool,
     /// Set when the gateway starts draining: new calls are refused.
     pub draining: CancellationToken,
     /// Set when the grace period is over: calls in flight are cancelled.
@@ -69,6 +71,9 @@ impl Gateway {
         let model = parts.model.clone();
         let (request, tags) = convert::chat_request(parts)?;
         call.set_metadata(&tags);
+        if self.record_content {
+            call.record_prompt(&request);
+        }
         let routed = self.router.open(&model, Arc::new(request), &call.trace).await?;
         call.set_target(routed.provider.clone(), routed.model.clone(), routed.stream.attempt().ttft());
         Ok(routed)
@@ -116,7 +121,9 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
                     let mut stream = routed.stream;
                     while let Some(delta) = stream.next().await {
                         call.delta();
-                        collector.push(delta.map_err(CallError::MidStream)?);
+                        let delta = delta.map_err(CallError::MidStream)?;
+                        call.record_output(&delta.content);
+                        collector.push(delta);
                         if collector.finish.is_some() {
                             break;
                         }

@@ -80,6 +80,7 @@ impl Stream for ResponseStream {
             Poll::Ready(Some(Ok(delta))) => delta,
         };
         this.call.delta();
+        this.call.record_output(&delta.content);
         if this.first
             && let Some(id) = &delta.id
         {

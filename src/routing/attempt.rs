@@ -17,7 +17,7 @@ use super::Target;
 use crate::{
     chat::{ChatRequest, Delta, Finish},
     providers::{DeltaStream, ProviderError},
-    telemetry::metrics::Metrics,
+    telemetry::{self, metrics::Metrics},
 };
 
 pub struct Attempt {
@@ -47,7 +47,6 @@ impl Attempt {
             gen_ai.request.top_p = request.top_p.map(f64::from),
             gen_ai.response.model = Empty,
             gen_ai.response.id = Empty,
-            gen_ai.response.finish_reasons = Empty,
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             server.address = address,
@@ -97,7 +96,11 @@ impl Attempt {
 
     fn finish(&mut self, finish: &Finish) {
         let reason = finish.reason.map(|r| r.as_str()).unwrap_or("unknown");
-        self.span.record("gen_ai.response.finish_reasons", format!("[\"{reason}\"]"));
+        telemetry::set_attribute(
+            &self.span,
+            "gen_ai.response.finish_reasons".into(),
+            opentelemetry::Value::Array(vec![opentelemetry::StringValue::from(reason)].into()),
+        );
         self.span.record("gen_ai.usage.input_tokens", finish.usage.input_tokens);
         self.span.record("gen_ai.usage.output_tokens", finish.usage.output_tokens);
         self.end("ok", None);

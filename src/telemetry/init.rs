@@ -86,7 +86,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let mut builder = SdkTracerProvider::builder()
         // The batch processor reads OTEL_BSP_*; its queue is bounded, so a
         // collector that is down costs dropped spans, never a slow call.
-        .with_batch_exporter(exporter)
+        .with_span_processor(super::export::GatedProcessor::new(exporter))
         .with_resource(resource);
     if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
         builder = builder

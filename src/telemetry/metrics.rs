@@ -138,7 +138,7 @@ impl Metrics {
             "Calls the caller cancelled or abandoned",
             cancelled.clone(),
         );
-        let dropped_spans = Counter::default();
+        let dropped_spans = super::export::DROPPED_SPANS.clone();
         registry.register(
             "llm_gateway_dropped_spans",
             "Spans dropped because the export queue was full",

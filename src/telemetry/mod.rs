@@ -2,6 +2,7 @@
 //! Trace context crosses the gateway through the OpenTelemetry propagator,
 //! never a hand-written parser.
 
+mod export;
 mod init;
 pub mod metrics;
 
@@ -27,6 +28,14 @@ pub(crate) fn set_exporting(on: bool) {
 
 fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Sets an attribute whose key is only known at run time (a metadata tag,
+/// an array value), which `tracing` fields cannot express.
+pub fn set_attribute(span: &Span, key: String, value: impl Into<opentelemetry::Value>) {
+    if exporting() {
+        span.set_attribute(key, value);
+    }
 }
 
 fn propagator() -> TextMapCompositePropagator {
