@@ -7,6 +7,7 @@ use opentelemetry_sdk::{
     Resource,
     trace::{Sampler, SdkTracerProvider},
 };
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::{LogFormat, TelemetryConfig};
@@ -24,6 +25,8 @@ pub enum TelemetryError {
 /// Keeps the pipeline alive; [`Telemetry::shutdown`] flushes queued spans.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Flushes buffered log lines when dropped.
+    _logs: WorkerGuard,
 }
 
 impl Telemetry {
@@ -45,14 +48,18 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     }
     .map_err(|e| TelemetryError::Filter(e.to_string()))?;
 
+    // Log lines go through a bounded buffer to a writer thread, so a slow
+    // stdout never blocks a runtime thread (lines are dropped when it is full).
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let fmt = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
 
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -66,7 +73,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
             .with(fmt.with_filter(filter))
             .try_init()
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
-        return Ok(Telemetry { provider: None });
+        return Ok(Telemetry { provider: None, _logs: guard });
     };
 
     let exporter = SpanExporter::builder()
@@ -104,5 +111,5 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     super::set_exporting(true);
-    Ok(Telemetry { provider: Some(provider) })
+    Ok(Telemetry { provider: Some(provider), _logs: guard })
 }

@@ -77,7 +77,20 @@ pub struct TraceContext {
 impl TraceContext {
     /// Extracts W3C `traceparent`, `tracestate` and `baggage`.
     pub fn from_headers(headers: &http::HeaderMap) -> Self {
-        Self { parent: propagator().extract(&HeaderExtractor(headers)) }
+        let parent = propagator().extract(&HeaderExtractor(headers));
+        if exporting() || parent.span().span_context().is_valid() {
+            return Self { parent };
+        }
+        // No caller trace and no exporter: still one trace id per call, so
+        // the upstream requests and the log line agree.
+        let root = SpanContext::new(
+            TraceId::from_bytes(random_bytes()),
+            SpanId::from_bytes(random_bytes()),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        Self { parent: parent.with_remote_span_context(root) }
     }
 
     /// Makes `span` a child of the caller's span (when spans are exported).
@@ -103,13 +116,14 @@ impl TraceContext {
             span.context()
         } else {
             let parent = self.parent.span().span_context().clone();
-            let (trace_id, flags, state) = if parent.is_valid() {
-                (parent.trace_id(), parent.trace_flags(), parent.trace_state().clone())
-            } else {
-                (TraceId::from_bytes(random_bytes()), TraceFlags::SAMPLED, TraceState::default())
-            };
             let span_id = SpanId::from_bytes(random_bytes());
-            let sc = SpanContext::new(trace_id, span_id, flags, false, state);
+            let sc = SpanContext::new(
+                parent.trace_id(),
+                span_id,
+                parent.trace_flags(),
+                false,
+                parent.trace_state().clone(),
+            );
             self.parent.with_remote_span_context(sc)
         };
         propagator().inject_context(&cx, &mut HeaderInjector(&mut headers));
