@@ -167,8 +167,13 @@ impl Call {
 
     pub fn finished(&mut self, finish: Finish) {
         self.finish = Some(finish);
-        self.span.record("gen_ai.usage.input_tokens", finish.usage.input_tokens);
-        self.span.record("gen_ai.usage.output_tokens", finish.usage.output_tokens);
+        self.span.record("gen_ai.usage.input_tokens", i64::from(finish.usage.input_tokens));
+        self.span.record("gen_ai.usage.output_tokens", i64::from(finish.usage.output_tokens));
+        self.outcome = Some((Code::Ok, ""));
+    }
+
+    /// An answer with no upstream behind it (ListModels).
+    pub fn succeeded(&mut self) {
         self.outcome = Some((Code::Ok, ""));
     }
 
@@ -210,7 +215,7 @@ impl Drop for Call {
         let (code, error_type) = self.outcome.unwrap_or((Code::Cancelled, "cancelled"));
         let duration = self.started.elapsed();
         let code_name = code_name(code);
-        self.span.record("rpc.grpc.status_code", code as i32);
+        self.span.record("rpc.grpc.status_code", i64::from(code as i32));
         if code != Code::Ok {
             self.span.record("otel.status_code", "ERROR");
             self.span.record("error.type", error_type);
@@ -218,7 +223,7 @@ impl Drop for Call {
         if cancelled {
             self.span.record("llm_gateway.cancelled", true);
         }
-        self.span.record("llm_gateway.streamed_deltas", self.deltas);
+        self.span.record("llm_gateway.streamed_deltas", i64::from(self.deltas));
         if let Some(out) = self.output.take() {
             let text = serde_json::json!([{"role": "assistant", "content": out}]).to_string();
             telemetry::set_attribute(&self.span, "gen_ai.output.messages".into(), text);

@@ -84,7 +84,7 @@ impl CallError {
                 format!("provider {provider:?} rejected the request: {message}")
             }
             CallError::Route(RouteError::Exhausted { attempts, provider, last, .. }) => {
-                format!("all {attempts} target(s) failed; last, provider {provider:?}: {last}")
+                format!("{attempts} target(s) tried, all failed; last, provider {provider:?}: {last}")
             }
             other => other.to_string(),
         }

@@ -184,7 +184,14 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let g = &self.0;
-        let caller = g.keys.check(request.metadata()).map_err(|e| e.to_status())?;
+        let mut call = Call::start("ListModels", request.metadata(), g.default_timeout, g.metrics.clone());
+        let caller = match g.keys.check(request.metadata()) {
+            Ok(c) => c,
+            Err(e) => return Err(call.status(e)),
+        };
+        if let Some(name) = &caller.key_name {
+            call.set_key(name);
+        }
         let mut models: Vec<pb::Model> = g
             .router
             .models()
@@ -202,6 +209,9 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
             })
             .collect();
         models.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Response::new(pb::ListModelsResponse { models }))
+        call.succeeded();
+        let mut response = Response::new(pb::ListModelsResponse { models });
+        call.headers(response.metadata_mut());
+        Ok(response)
     }
 }

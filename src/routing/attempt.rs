@@ -42,7 +42,7 @@ impl Attempt {
             gen_ai.operation.name = "chat",
             gen_ai.provider.name = system,
             gen_ai.request.model = &*target.model,
-            gen_ai.request.max_tokens = request.max_tokens,
+            gen_ai.request.max_tokens = request.max_tokens.map(i64::from),
             gen_ai.request.temperature = request.temperature.map(f64::from),
             gen_ai.request.top_p = request.top_p.map(f64::from),
             gen_ai.response.model = Empty,
@@ -50,7 +50,7 @@ impl Attempt {
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             server.address = address,
-            server.port = port,
+            server.port = port.map(i64::from),
             llm_gateway.provider = &*target.provider_name,
             llm_gateway.streamed_deltas = Empty,
             error.type = Empty,
@@ -101,8 +101,8 @@ impl Attempt {
             "gen_ai.response.finish_reasons".into(),
             opentelemetry::Value::Array(vec![opentelemetry::StringValue::from(reason)].into()),
         );
-        self.span.record("gen_ai.usage.input_tokens", finish.usage.input_tokens);
-        self.span.record("gen_ai.usage.output_tokens", finish.usage.output_tokens);
+        self.span.record("gen_ai.usage.input_tokens", i64::from(finish.usage.input_tokens));
+        self.span.record("gen_ai.usage.output_tokens", i64::from(finish.usage.output_tokens));
         self.end("ok", None);
     }
 
@@ -111,7 +111,7 @@ impl Attempt {
             return;
         }
         self.ended = true;
-        self.span.record("llm_gateway.streamed_deltas", self.deltas);
+        self.span.record("llm_gateway.streamed_deltas", i64::from(self.deltas));
         if let Some(kind) = error {
             self.span.record("error.type", kind);
             self.span.record("otel.status_code", "ERROR");

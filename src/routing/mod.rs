@@ -35,8 +35,9 @@ pub struct Route {
 pub enum RouteError {
     #[error("model {0:?} is not configured")]
     UnknownModel(String),
-    /// Every target failed; the last failure is kept, it decides the status.
-    #[error("all {attempts} target(s) failed; last: {last}")]
+    /// Every target tried failed (a non-retryable failure stops the
+    /// tries); the last failure is kept, it decides the status.
+    #[error("{attempts} target(s) tried, all failed; last: {last}")]
     Exhausted { attempts: usize, provider: Arc<str>, model: Arc<str>, last: ProviderError },
 }
 
@@ -101,7 +102,9 @@ impl Router {
     ) -> Result<Routed, RouteError> {
         let route = self.routes.get(model).ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
         let mut last = None;
+        let mut attempts = 0;
         for target in &route.targets {
+            attempts += 1;
             let mut attempt = Attempt::start(target, &request, self.metrics.clone());
             let call = UpstreamCall {
                 request: request.clone(),
@@ -151,7 +154,7 @@ impl Router {
         }
         match last {
             Some((target, last)) => Err(RouteError::Exhausted {
-                attempts: route.targets.len(),
+                attempts,
                 provider: target.provider_name.clone(),
                 model: target.model.clone(),
                 last,

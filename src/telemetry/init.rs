@@ -62,11 +62,10 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
 
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .ok()
-        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
-        .filter(|e| !e.is_empty())
-        .or_else(|| config.otlp_endpoint.clone());
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .or_else(|| config.otlp_endpoint.clone().filter(|v| !v.is_empty()));
 
     let Some(endpoint) = endpoint else {
         tracing_subscriber::registry()
