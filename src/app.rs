@@ -19,7 +19,7 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -90,6 +90,9 @@ pub async fn run(
     let router = Router::new(&config, metrics.clone()).map_err(|(name, e)| AppError::Provider(name, e))?;
     let draining = CancellationToken::new();
     let hard_stop = CancellationToken::new();
+    // Counts the gateway's calls in flight, so the drain knows when the
+    // cancelled ones have ended.
+    let calls = TaskTracker::new();
     let gateway = Arc::new(Gateway {
         router,
         keys: Keys::new(&config.api_keys),
@@ -98,6 +101,7 @@ pub async fn run(
         record_content: config.telemetry.record_content,
         draining: draining.clone(),
         hard_stop: hard_stop.clone(),
+        calls: calls.clone(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -147,15 +151,15 @@ pub async fn run(
 
     let grpc_run = async {
         let (drain, ()) = tokio::join!(serving, signal);
-        let in_flight = drain.finish();
-        tokio::pin!(in_flight);
-        if tokio::time::timeout(config.server.shutdown_grace, &mut in_flight).await.is_err() {
+        let cancel = async {
             tracing::warn!(in_flight = metrics.in_flight(), "grace period over: cancelling calls in flight");
             hard_stop.cancel();
-            if tokio::time::timeout(CANCEL_WAIT, &mut in_flight).await.is_err() {
-                tracing::warn!("connections still open after cancelling; closing");
+            calls.close();
+            if tokio::time::timeout(CANCEL_WAIT, calls.wait()).await.is_err() {
+                tracing::warn!("calls still running after cancelling");
             }
-        }
+        };
+        drain.finish(config.server.shutdown_grace, cancel).await;
         admin_stop.cancel();
     };
     let (admin_result, ()) = tokio::join!(admin_run, grpc_run);

@@ -80,6 +80,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: config::Config) -> ExitCode {
+    let shutdown = shutdown_signal();
     let telemetry = match telemetry::init(&config.telemetry) {
         Ok(t) => t,
         Err(e) => {
@@ -95,7 +96,7 @@ async fn serve(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = app::run(config, listeners, shutdown_signal()).await;
+    let result = app::run(config, listeners, shutdown).await;
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,25 +107,31 @@ async fn serve(config: config::Config) -> ExitCode {
     }
 }
 
-/// SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is
+/// called, before the gateway serves, so that no signal in between is lost.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+        let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

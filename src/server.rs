@@ -12,7 +12,8 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 
@@ -38,7 +39,7 @@ pub async fn serve(
     }
     let service = TowerToHyperService::new(routes);
     let graceful = GracefulShutdown::new();
-    let tracker = TaskTracker::new();
+    let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -59,28 +60,43 @@ pub async fn serve(
         }
         let conn = http2.serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn);
-        tracker.spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
+        // Reap finished connections so the set does not grow with them.
+        while conns.try_join_next().is_some() {}
     }
     drop(listener);
-    tracker.close();
-    Drain { graceful, tracker }
+    Drain { graceful, conns }
 }
 
 /// The connections still open when the listener closed.
 pub struct Drain {
     graceful: GracefulShutdown,
-    tracker: TaskTracker,
+    conns: JoinSet<()>,
 }
 
+/// After the calls are cancelled, how long their connections get to send
+/// the final status before they are closed.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 impl Drain {
-    /// Sends GOAWAY on every connection (no new calls) and waits until the
-    /// calls in flight have finished and the connections closed.
-    pub async fn finish(self) {
-        self.graceful.shutdown().await;
-        self.tracker.wait().await;
+    /// Sends GOAWAY on every connection (no new calls) and waits up to
+    /// `grace` for the calls in flight. Past it, `cancel` runs (it ends the
+    /// gateway's own calls with a status); streams it does not own (a health
+    /// watch, say) are then cut by closing their connections.
+    pub async fn finish(mut self, grace: Duration, cancel: impl Future<Output = ()>) {
+        let shutdown = self.graceful.shutdown();
+        tokio::pin!(shutdown);
+        if tokio::time::timeout(grace, &mut shutdown).await.is_err() {
+            cancel.await;
+            if tokio::time::timeout(FLUSH_WAIT, &mut shutdown).await.is_err() {
+                tracing::info!(connections = self.conns.len(), "closing connections still open");
+                self.conns.abort_all();
+            }
+        }
+        while self.conns.join_next().await.is_some() {}
     }
 }

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{
     Code,
     metadata::{AsciiMetadataValue, MetadataMap},
@@ -43,6 +44,8 @@ pub struct Call {
     outcome: Option<(Code, &'static str)>,
     /// The completion so far, when content recording is on.
     output: Option<String>,
+    /// Counts this call as in flight until it is dropped.
+    _tracked: TaskTrackerToken,
 }
 
 impl Call {
@@ -51,6 +54,7 @@ impl Call {
         metadata: &MetadataMap,
         default_timeout: Duration,
         metrics: Arc<Metrics>,
+        tracked: TaskTrackerToken,
     ) -> Self {
         let started = Instant::now();
         let request_id = metadata
@@ -108,6 +112,7 @@ impl Call {
             finish: None,
             outcome: None,
             output: None,
+            _tracked: tracked,
         }
     }
 

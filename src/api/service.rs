@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument;
 
@@ -18,7 +18,7 @@ use super::{
     stream::ResponseStream,
 };
 use crate::{
-    routing::{Routed, Router},
+    routing::{RouteError, Routed, Router},
     telemetry::metrics::Metrics,
 };
 
@@ -34,6 +34,8 @@ pub struct Gateway {
     pub draining: CancellationToken,
     /// Set when the grace period is over: calls in flight are cancelled.
     pub hard_stop: CancellationToken,
+    /// Holds one token per call in flight (the drain waits on it).
+    pub calls: TaskTracker,
 }
 
 #[derive(Clone)]
@@ -74,7 +76,16 @@ impl Gateway {
         if self.record_content {
             call.record_prompt(&request);
         }
-        let routed = self.router.open(&model, Arc::new(request), &call.trace).await?;
+        let routed = match self.router.open(&model, Arc::new(request), &call.trace).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The caller learns which target failed last.
+                if let RouteError::Exhausted { provider, model, .. } = &e {
+                    call.set_target(provider.clone(), model.clone(), None);
+                }
+                return Err(e.into());
+            }
+        };
         call.set_target(routed.provider.clone(), routed.model.clone(), routed.stream.attempt().ttft());
         Ok(routed)
     }
@@ -110,7 +121,8 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
     ) -> Result<Response<pb::CompletionResponse>, Status> {
         let g = &self.0;
         let (metadata, _, body) = request.into_parts();
-        let mut call = Call::start("Completion", &metadata, g.default_timeout, g.metrics.clone());
+        let mut call =
+            Call::start("Completion", &metadata, g.default_timeout, g.metrics.clone(), g.calls.token());
         let span = call.span.clone();
         let deadline = call.deadline;
         async move {
@@ -162,7 +174,8 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
     ) -> Result<Response<Self::StreamCompletionStream>, Status> {
         let g = &self.0;
         let (metadata, _, body) = request.into_parts();
-        let mut call = Call::start("StreamCompletion", &metadata, g.default_timeout, g.metrics.clone());
+        let mut call =
+            Call::start("StreamCompletion", &metadata, g.default_timeout, g.metrics.clone(), g.calls.token());
         let span = call.span.clone();
         let deadline = call.deadline;
         let opened = g.bounded(deadline, g.open(&mut call, &metadata, body.into())).instrument(span).await;
@@ -184,7 +197,13 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let g = &self.0;
-        let mut call = Call::start("ListModels", request.metadata(), g.default_timeout, g.metrics.clone());
+        let mut call = Call::start(
+            "ListModels",
+            request.metadata(),
+            g.default_timeout,
+            g.metrics.clone(),
+            g.calls.token(),
+        );
         let caller = match g.keys.check(request.metadata()) {
             Ok(c) => c,
             Err(e) => return Err(call.status(e)),

@@ -59,7 +59,9 @@ pub fn parse(text: &str, file: Option<&str>) -> Result<Config, ConfigError> {
     let config: Config = serde_saphyr::from_str(text).map_err(|e| {
         let message = e.to_string();
         let line = line_in_message(&message);
-        let key = key_in_message(&message);
+        // serde names a field only for unknown or missing keys; for a bad
+        // value, the key is the one written on the line the error points at.
+        let key = key_in_message(&message).or_else(|| line.and_then(|l| key_on_line(text, l)));
         err(key, line, message)
     })?;
     validate(&config, text).map_err(|(path, message)| {
@@ -222,6 +224,13 @@ fn locate(text: &str, path: &[String]) -> Option<usize> {
         }
     }
     found
+}
+
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let content = text.lines().nth(line.checked_sub(1)?)?;
+    let (key, _) = content.trim_start().trim_start_matches("- ").split_once(':')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty() && !key.contains(' ')).then(|| key.to_owned())
 }
 
 fn line_in_message(message: &str) -> Option<usize> {

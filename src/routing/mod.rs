@@ -14,7 +14,7 @@ use tracing::Instrument;
 pub use attempt::{Attempt, RoutedStream};
 
 use crate::{
-    chat::ChatRequest,
+    chat::{ChatRequest, Delta},
     config::Config,
     providers::{self, Provider, ProviderError, UpstreamCall},
     telemetry::{self, metrics::Metrics},
@@ -39,6 +39,28 @@ pub enum RouteError {
     /// tries); the last failure is kept, it decides the status.
     #[error("{attempts} target(s) tried, all failed; last: {last}")]
     Exhausted { attempts: usize, provider: Arc<str>, model: Arc<str>, last: ProviderError },
+}
+
+/// Reads until the first delta that carries text, a tool call or the end,
+/// folding the id and model of empty ones (role chunks, message_start) into it.
+async fn first_delta(stream: &mut providers::DeltaStream) -> Option<Result<Delta, ProviderError>> {
+    let mut id = None;
+    let mut model = None;
+    loop {
+        match stream.next().await? {
+            Ok(mut d) => {
+                if d.content.is_empty() && d.tool_calls.is_empty() && d.finish.is_none() {
+                    id = id.or(d.id);
+                    model = model.or(d.model);
+                    continue;
+                }
+                d.id = d.id.or(id);
+                d.model = d.model.or(model);
+                return Some(Ok(d));
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
 }
 
 pub struct Router {
@@ -125,9 +147,10 @@ impl Router {
                     break;
                 }
             };
-            // The first delta is the commit point: a failure before it may
-            // still go to the next target.
-            match stream.next().instrument(attempt.span().clone()).await {
+            // The first delta with something in it is the commit point: a
+            // failure before it (an overloaded error right after Anthropic's
+            // message_start, say) may still go to the next target.
+            match first_delta(&mut stream).instrument(attempt.span().clone()).await {
                 Some(Ok(first)) => {
                     attempt.first_token(started.elapsed(), &first);
                     return Ok(Routed {
