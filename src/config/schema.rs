@@ -183,8 +183,13 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Fraction of root traces sampled (parent-based); `OTEL_TRACES_SAMPLER*` win.
     pub sample_ratio: f64,
-    /// Record prompts and completions on spans and logs.
+    /// Record prompts and completions on spans.
     pub record_content: bool,
+    /// Extra resource attributes; `OTEL_RESOURCE_ATTRIBUTES` adds to them.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Batch export interval; `OTEL_BSP_SCHEDULE_DELAY` wins when set.
+    #[serde(deserialize_with = "duration")]
+    pub export_interval: Duration,
 }
 
 impl Default for TelemetryConfig {
@@ -196,6 +201,8 @@ impl Default for TelemetryConfig {
             service_name: "llm-gateway".into(),
             sample_ratio: 1.0,
             record_content: false,
+            resource_attributes: BTreeMap::new(),
+            export_interval: Duration::from_secs(5),
         }
     }
 }

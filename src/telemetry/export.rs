@@ -14,7 +14,7 @@ use opentelemetry::Context;
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
-    trace::{BatchSpanProcessor, Span, SpanData, SpanExporter, SpanProcessor},
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Span, SpanData, SpanExporter, SpanProcessor},
 };
 use prometheus_client::metrics::counter::Counter;
 
@@ -46,10 +46,17 @@ pub(crate) struct GatedProcessor {
 }
 
 impl GatedProcessor {
-    pub(crate) fn new<E: SpanExporter + 'static>(exporter: E) -> Self {
+    /// `interval` applies unless `OTEL_BSP_SCHEDULE_DELAY` is set; the other
+    /// `OTEL_BSP_*` variables are read by the SDK.
+    pub(crate) fn new<E: SpanExporter + 'static>(exporter: E, interval: Duration) -> Self {
         let pending = Arc::new(Pending::default());
         let exporter = CountingExporter { inner: exporter, pending: pending.clone() };
-        Self { inner: BatchSpanProcessor::builder(exporter).build(), pending, limit: max_queue() }
+        let mut config = BatchConfigBuilder::default();
+        if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
+            config = config.with_scheduled_delay(interval);
+        }
+        let inner = BatchSpanProcessor::builder(exporter).with_batch_config(config.build()).build();
+        Self { inner, pending, limit: max_queue() }
     }
 }
 

@@ -88,11 +88,17 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let resource = Resource::builder()
         .with_service_name(service_name)
         .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attributes(
+            config
+                .resource_attributes
+                .iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+        )
         .build();
     let mut builder = SdkTracerProvider::builder()
         // The batch processor reads OTEL_BSP_*; its queue is bounded, so a
         // collector that is down costs dropped spans, never a slow call.
-        .with_span_processor(super::export::GatedProcessor::new(exporter))
+        .with_span_processor(super::export::GatedProcessor::new(exporter, config.export_interval))
         .with_resource(resource);
     if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
         builder = builder
