@@ -180,7 +180,7 @@ impl Stream for MockStream {
         }
         let mut delta = Delta::default();
         if this.sent == 0 {
-            delta.id = Some(format!("mock-{}", uuid::Uuid::new_v4().simple()));
+            delta.id = Some(format!("mock-{:016x}", fastrand::u64(..)));
             delta.model = Some(std::mem::take(&mut this.model));
         }
         if this.sent < this.total() {

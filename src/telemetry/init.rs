@@ -8,7 +8,12 @@ use opentelemetry_sdk::{
     trace::{Sampler, SdkTracerProvider},
 };
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt, filter_fn},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
@@ -62,16 +67,17 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
     };
 
+    // Log lines are events: the log layer never sees a span, so spans cost
+    // nothing when no exporter wants them (their fields are not formatted).
+    let fmt = fmt.with_filter(filter.and(filter_fn(|m| m.is_event())));
+
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
         .or_else(|| config.otlp_endpoint.clone().filter(|v| !v.is_empty()));
 
     let Some(endpoint) = endpoint else {
-        tracing_subscriber::registry()
-            .with(fmt.with_filter(filter))
-            .try_init()
-            .map_err(|_| TelemetryError::AlreadyInstalled)?;
+        tracing_subscriber::registry().with(fmt).try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
         return Ok(Telemetry { provider: None, _logs: guard });
     };
 
@@ -111,7 +117,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         .with_tracked_inactivity(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        .with(fmt)
         .with(otel)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;

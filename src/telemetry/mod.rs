@@ -131,11 +131,13 @@ impl TraceContext {
     }
 }
 
+/// Random ids from a thread-local generator: no syscall per call. Trace and
+/// span ids need uniqueness, not secrecy.
 fn random_bytes<const N: usize>() -> [u8; N] {
-    let id = uuid::Uuid::new_v4();
     let mut out = [0u8; N];
-    let src = id.as_bytes();
-    out.copy_from_slice(&src[..N]);
-    // An all-zero id is invalid; uuid v4 has fixed bits, so never all zero.
+    for chunk in out.chunks_mut(8) {
+        let v = fastrand::u64(1..).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
     out
 }
