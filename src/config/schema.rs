@@ -92,7 +92,7 @@ pub struct ProviderConfig {
 }
 
 fn default_pool() -> usize {
-    256
+    1024
 }
 
 fn default_max_tokens() -> u32 {

@@ -296,3 +296,20 @@ async fn upstream_traceparent_continues_the_callers_trace() {
     let (fresh, _) = parse_traceparent(requests[1].header("traceparent").expect("traceparent"));
     assert_ne!(fresh, caller_trace);
 }
+
+/// A burst of calls on one HTTP/2 connection: each request is a small DATA
+/// frame, and a backlog of them must not make the server close the connection
+/// (h2's ENHANCE_YOUR_CALM against a too-small connection window).
+#[tokio::test]
+async fn a_burst_of_calls_on_one_connection_all_succeed() {
+    let gw = Gateway::start(&crate::harness::config("http://127.0.0.1:9/v1")).await;
+    let channel = gw.channel().await;
+    let calls = (0..600).map(|_| {
+        let mut client = pb::llm_gateway_client::LlmGatewayClient::new(channel.clone());
+        async move { stream_call(&mut client, stream_request("lorem", "hi")).await }
+    });
+    let answers = within(WAIT * 4, "600 calls", futures_util::future::join_all(calls)).await;
+    let failed: Vec<_> = answers.iter().filter(|a| a.end.is_err()).map(|a| a.error().clone()).collect();
+    assert!(failed.is_empty(), "{} of 600 failed; first: {:?}", failed.len(), failed.first());
+    assert!(answers.iter().all(|a| a.text() == lorem(12)));
+}
