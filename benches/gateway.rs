@@ -1,1 +1,407 @@
-fn main() {}
+//! The gateway's benchmark (issue #6): starts a fake OpenAI/Anthropic upstream
+//! on loopback, the `llm-gateway` binary pointing at it, and a tonic load
+//! client, then measures side by side, in one run: added time to first token,
+//! saturation throughput and CPU per delta, RSS per open stream,
+//! cancel-to-upstream-close, and start-up time. It prints a table, writes
+//! JSON to `target/bench-results/`, and never judges: budgets are shown, not
+//! asserted.
+//!
+//! ```text
+//! cargo bench --bench gateway                 # full run, release build
+//! cargo bench --bench gateway -- --quick      # a few seconds: does it still work?
+//! cargo bench --bench gateway -- --perf       # also `perf record` the gateway
+//! ```
+//!
+//! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
+//! flight in the throughput runs, 64, as in the issue's comparison), `--only
+//! startup,latency,throughput,memory,cancel` (some parts only).
+//! `BENCH_QUICK=1` is `--quick`; `BENCH_GATEWAY_LOG=FILE` keeps the gateways'
+//! output and `BENCH_GATEWAY_RUST_LOG=FILTER` sets their log filter.
+//!
+//! Run without `--bench` (as `cargo test --benches` does), it takes the quick
+//! path, so a test run only checks that it works.
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use support::{
+    BoxError,
+    load::{Target, Wire},
+    phases,
+    process::{self, Gateway},
+    report::{Meta, Report},
+    upstream,
+};
+
+/// The gateway binary, built with the bench's own profile.
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
+
+/// The parts of a run, for `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Startup,
+    Latency,
+    Throughput,
+    Memory,
+    Cancel,
+}
+
+impl Phase {
+    fn parse(name: &str) -> Result<Self, BoxError> {
+        Ok(match name {
+            "startup" => Phase::Startup,
+            "latency" => Phase::Latency,
+            "throughput" => Phase::Throughput,
+            "memory" => Phase::Memory,
+            "cancel" => Phase::Cancel,
+            _ => {
+                return Err(format!(
+                    "--only: unknown part {name:?} (startup, latency, throughput, memory, cancel)"
+                )
+                .into());
+            }
+        })
+    }
+}
+
+struct Options {
+    /// Empty: every part.
+    only: Vec<Phase>,
+    quick: bool,
+    perf: bool,
+    tokens: usize,
+    /// Calls in flight in the throughput runs.
+    throughput_concurrency: usize,
+}
+
+impl Options {
+    fn parse() -> Result<Self, BoxError> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        // `cargo bench` passes --bench; without it we run as a test would.
+        let under_bench = args.iter().any(|a| a == "--bench");
+        let env_quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+        let mut tokens = 20;
+        let mut throughput_concurrency = 64;
+        let mut only = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--tokens" => tokens = it.next().ok_or("--tokens needs a number")?.parse()?,
+                "--only" => {
+                    for name in it.next().ok_or("--only needs a list")?.split(',') {
+                        only.push(Phase::parse(name.trim())?);
+                    }
+                }
+                "--concurrency" => {
+                    throughput_concurrency = it.next().ok_or("--concurrency needs a number")?.parse()?;
+                }
+                _ => {}
+            }
+        }
+        if tokens == 0 {
+            return Err("--tokens must be at least 1".into());
+        }
+        Ok(Self {
+            only,
+            quick: !under_bench || env_quick || args.iter().any(|a| a == "--quick"),
+            perf: args.iter().any(|a| a == "--perf"),
+            tokens,
+            throughput_concurrency: throughput_concurrency.max(1),
+        })
+    }
+
+    fn runs(&self, phase: Phase) -> bool {
+        self.only.is_empty() || self.only.contains(&phase)
+    }
+}
+
+/// How much of everything: full runs for figures, quick runs to check.
+struct Plan {
+    startups: usize,
+    /// Concurrency and calls of each time-to-first-token row (OpenAI).
+    latency: Vec<(usize, u64)>,
+    anthropic: (usize, u64),
+    throughput_time: Duration,
+    /// Longest any one run may take, whatever its count.
+    run_limit: Duration,
+    memory_levels: Vec<usize>,
+    cancels: usize,
+    /// The whole bench stops after this, measured or not.
+    total_limit: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                startups: 2,
+                latency: vec![(1, 100), (64, 640), (1024, 1024)],
+                anthropic: (64, 320),
+                throughput_time: Duration::from_millis(300),
+                run_limit: Duration::from_secs(10),
+                memory_levels: vec![100, 1000],
+                cancels: 50,
+                total_limit: Duration::from_secs(180),
+            }
+        } else {
+            Plan {
+                startups: 10,
+                latency: vec![(1, 5_000), (64, 20_000), (1024, 20_480)],
+                anthropic: (64, 10_000),
+                throughput_time: Duration::from_secs(10),
+                run_limit: Duration::from_secs(60),
+                memory_levels: vec![1_000, 10_000],
+                cancels: 1_000,
+                total_limit: Duration::from_secs(900),
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench() -> Result<(), BoxError> {
+    let options = Options::parse()?;
+    let plan = Plan::new(options.quick);
+    let fd_limit = process::raise_fd_limit();
+    let out_dir = results_dir();
+    std::fs::create_dir_all(&out_dir)?;
+    // The upstream gets threads of its own so that its work never queues
+    // behind the load client's; all of it shares the cores with the gateway,
+    // as in the issue's comparison.
+    let upstream_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(support::UPSTREAM_THREADS)
+        .enable_all()
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(support::CLIENT_THREADS)
+        .enable_all()
+        .build()?;
+    let upstream = upstream_rt.block_on(upstream::start(options.tokens))?;
+    let meta = meta(&options, fd_limit);
+    eprintln!(
+        "gateway bench: {} mode, {} build, upstream on {}, fd limit {fd_limit}",
+        if options.quick { "quick" } else { "full" },
+        meta.profile,
+        upstream.addr
+    );
+    let result = client_rt.block_on(async {
+        tokio::select! {
+            r = tokio::time::timeout(plan.total_limit, run(&options, &plan, &upstream, meta, &out_dir)) => {
+                r.unwrap_or_else(|_| Err(format!("stopped after {:?}", plan.total_limit).into()))
+            }
+            _ = interrupted() => Err("interrupted".into()),
+        }
+    });
+    // Dropping the run (above) killed every gateway; now the upstream.
+    drop(upstream);
+    client_rt.shutdown_timeout(Duration::from_secs(2));
+    upstream_rt.shutdown_timeout(Duration::from_secs(2));
+    let report = result?;
+    print!("{}", report.table());
+    let name = match (options.quick, options.only.is_empty()) {
+        (true, _) => "gateway-quick.json",
+        (false, false) => "gateway-partial.json",
+        (false, true) => "gateway.json",
+    };
+    let path = out_dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(&report.json())?)?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+async fn run(
+    options: &Options,
+    plan: &Plan,
+    upstream: &upstream::Upstream,
+    meta: Meta,
+    out_dir: &Path,
+) -> Result<Report, BoxError> {
+    let bin = Path::new(GATEWAY_BIN);
+    let config = process::config_yaml(upstream.addr);
+    let fd_limit = meta.fd_limit;
+    let mut report = Report {
+        meta,
+        startup: None,
+        latency: Vec::new(),
+        throughput: Vec::new(),
+        burst: None,
+        idle_after_load_kib: None,
+        memory: None,
+        cancellation: None,
+    };
+
+    if options.runs(Phase::Startup) {
+        progress("start-up");
+        report.startup = Some(phases::startup(bin, &config, plan.startups).await?);
+    }
+
+    if options.runs(Phase::Latency) || options.runs(Phase::Throughput) {
+        let mut gateway = Gateway::spawn(bin, &config).await?;
+        let openai = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?);
+        if options.runs(Phase::Latency) {
+            for &(concurrency, calls) in &plan.latency {
+                progress(&format!("time to first token, c={concurrency}"));
+                let label = "openai, per-token";
+                let run =
+                    phases::pair(label, &gateway, openai.clone(), "fast", concurrency, calls, plan.run_limit);
+                report.latency.push(run.await?);
+            }
+            let (concurrency, calls) = plan.anthropic;
+            progress(&format!("time to first token, anthropic, c={concurrency}"));
+            let direct = Arc::new(Target::direct(upstream.addr, Wire::Anthropic, "fast")?);
+            let label = "anthropic, per-token";
+            let run = phases::pair(label, &gateway, direct, "an-fast", concurrency, calls, plan.run_limit);
+            report.latency.push(run.await?);
+        }
+        if options.runs(Phase::Throughput) {
+            let c = options.throughput_concurrency;
+            let time = plan.throughput_time;
+            progress(&format!("throughput, per-token writes, c={c}"));
+            let perf_out = out_dir.join("gateway-perf.data");
+            let perf = options.perf.then_some(perf_out.as_path());
+            let run =
+                phases::throughput("openai, per-token", &gateway, openai.clone(), "fast", c, time, perf);
+            report.throughput.push(run.await?);
+            progress(&format!("throughput, one write per answer, c={c}"));
+            let burst = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "burst")?);
+            let run = phases::throughput("openai, burst", &gateway, burst, "burst", c, time, None);
+            report.throughput.push(run.await?);
+            progress("1,024 calls at once on one connection");
+            report.burst = Some((1024, phases::burst(&gateway, 1024, plan.run_limit).await?));
+        }
+        if !gateway.alive() {
+            return Err(format!("the gateway died under load:\n{}", gateway.tail()).into());
+        }
+        report.idle_after_load_kib = Some(phases::idle_after_load(&gateway).await?);
+        eprintln!("gateway bench: the load gateway logged {} lines", gateway.log_lines());
+        // Frees the descriptors of the load runs (this gateway's pool and
+        // the direct client's) before thousands of streams are held.
+    }
+
+    if options.runs(Phase::Memory) || options.runs(Phase::Cancel) {
+        // A fresh gateway, so that its idle RSS is a start's and not a load's.
+        let gateway = Gateway::spawn(bin, &config).await?;
+        if options.runs(Phase::Memory) {
+            // Each open stream costs a descriptor here (the upstream's side)
+            // and one in the gateway; keep a margin for everything else.
+            let room = (fd_limit as usize).saturating_sub(512);
+            let mut note = None;
+            let mut levels = plan.memory_levels.clone();
+            for l in &mut levels {
+                if *l > room {
+                    note = Some(format!("{l} streams wanted, capped at {room} by the descriptor limit"));
+                    *l = room;
+                }
+            }
+            progress(&format!("memory, {levels:?} streams"));
+            let mut memory = phases::memory(&gateway, &upstream.stats, &levels, plan.run_limit * 2).await?;
+            if memory.note.is_none() {
+                memory.note = note;
+            }
+            report.memory = Some(memory);
+        }
+        if options.runs(Phase::Cancel) {
+            progress(&format!("cancellation, {} cancels", plan.cancels));
+            report.cancellation =
+                Some(phases::cancellation(gateway.grpc_addr, &upstream.stats, plan.cancels).await?);
+        }
+    }
+    let stats = &upstream.stats;
+    eprintln!(
+        "gateway bench: done; upstream: {} requests, {} connections, {} completed, {} aborted",
+        stats.requests.load(Ordering::Relaxed),
+        stats.connections.load(Ordering::Relaxed),
+        stats.completed.load(Ordering::Relaxed),
+        stats.aborted.load(Ordering::Relaxed),
+    );
+    Ok(report)
+}
+
+fn progress(what: &str) {
+    eprintln!("gateway bench: {what} …");
+}
+
+/// Ctrl-C or SIGTERM: the run is dropped, and with it every gateway.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// `target/bench-results`, next to the profile directory that holds the
+/// gateway binary (so CARGO_TARGET_DIR is honoured), never the source tree.
+fn results_dir() -> PathBuf {
+    let bin = Path::new(GATEWAY_BIN);
+    bin.parent().and_then(Path::parent).unwrap_or(Path::new("target")).join("bench-results")
+}
+
+fn meta(options: &Options, fd_limit: u64) -> Meta {
+    let output = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    Meta {
+        date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpu_model,
+        kernel: output("uname", &["-r"]),
+        rustc: output("rustc", &["-V"]),
+        crate_version: env!("CARGO_PKG_VERSION"),
+        git_commit: {
+            let commit = output("git", &["rev-parse", "--short", "HEAD"]);
+            // Uncommitted changes to what the gateway is built from: the
+            // figures are not the commit's.
+            let status = ["status", "--porcelain", "--untracked-files=no", "--", "src", "proto", "build.rs"];
+            let dirty = !output("git", &[&status[..], &["Cargo.toml", "Cargo.lock"]].concat()).is_empty();
+            if dirty { format!("{commit}+dirty") } else { commit }
+        },
+        profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+        quick: options.quick,
+        tokens: options.tokens,
+        fd_limit,
+        command: if args.is_empty() {
+            "cargo bench --bench gateway".into()
+        } else {
+            format!("cargo bench --bench gateway -- {}", args.join(" "))
+        },
+    }
+}

@@ -29,7 +29,11 @@ pub(crate) fn client(config: &ProviderConfig) -> Result<Client, ProviderError> {
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .http2_adaptive_window(true)
+        // Fixed, large windows: h2 closes a connection whose unread small
+        // DATA frames pass half its window, and a shared upstream connection
+        // carries many streams whose callers may read slowly.
+        .http2_initial_connection_window_size(8 << 20)
+        .http2_initial_stream_window_size(1 << 20)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_while_idle(false)
         .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")));

@@ -1,0 +1,16 @@
+//! The parts of the gateway bench: the fake upstream, the gateway child
+//! process, the load client, the measurements and the report.
+
+pub mod load;
+pub mod perf;
+pub mod phases;
+pub mod process;
+pub mod report;
+pub mod upstream;
+
+/// Errors of the bench's own setup; they end the run with a message.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Names of the bench's runtime threads, by which their CPU time is read.
+pub const CLIENT_THREADS: &str = "bench-client";
+pub const UPSTREAM_THREADS: &str = "bench-upstream";

@@ -1,0 +1,278 @@
+//! The measurements, one function each; every one is bounded in calls and in
+//! time, and none judges what it measured.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::task::JoinSet;
+
+use super::{
+    BoxError,
+    load::{self, RunResult, STREAMS_PER_CONNECTION, Target},
+    process::{Gateway, ProcUsage, clock_ticks, machine_busy_ticks, thread_ticks},
+    report::{Cancellation, Cpu, Memory, MemoryLevel, Pair, Startup},
+    upstream::Stats,
+};
+
+/// Starts `n` gateways one after another, timing each to SERVING.
+pub async fn startup(bin: &Path, config: &str, n: usize) -> Result<Startup, BoxError> {
+    let mut s = Startup { to_log_us: Vec::new(), to_serving_us: Vec::new(), idle_rss_kib: Vec::new() };
+    for _ in 0..n {
+        let gateway = Gateway::spawn(bin, config).await?;
+        s.to_log_us.push(gateway.start.to_log.as_micros() as u64);
+        s.to_serving_us.push(gateway.start.to_serving.as_micros() as u64);
+        s.idle_rss_kib.push(gateway.usage()?.rss_kib);
+    }
+    s.to_log_us.sort_unstable();
+    s.to_serving_us.sort_unstable();
+    Ok(s)
+}
+
+/// HTTP/2 connections for `concurrency` streams.
+fn connections_for(concurrency: usize) -> usize {
+    concurrency.div_ceil(STREAMS_PER_CONNECTION)
+}
+
+/// The same calls, `concurrency` at a time, first straight to the upstream
+/// and then through the gateway, each after an unmeasured warm-up that fills
+/// the connection pools.
+pub async fn pair(
+    label: &str,
+    gateway: &Gateway,
+    direct: Arc<Target>,
+    model: &'static str,
+    concurrency: usize,
+    calls: u64,
+    max_time: Duration,
+) -> Result<Pair, BoxError> {
+    let via = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(concurrency), model).await?);
+    let warmup = (2 * concurrency as u64).max(200).min(calls);
+    load::run(direct.clone(), concurrency, warmup, max_time).await;
+    let direct_run = load::run(direct, concurrency, calls, max_time).await;
+    load::run(via.clone(), concurrency, warmup, max_time).await;
+    let before = CpuTicks::sample(gateway)?;
+    let gateway_run = load::run(via, concurrency, calls, max_time).await;
+    let cpu = CpuTicks::sample(gateway)?.since(before);
+    Ok(Pair { label: label.to_owned(), concurrency, direct: direct_run, gateway: gateway_run, cpu })
+}
+
+/// Like [`pair`], but bounded by time only: saturation throughput.
+pub async fn throughput(
+    label: &str,
+    gateway: &Gateway,
+    direct: Arc<Target>,
+    model: &'static str,
+    concurrency: usize,
+    duration: Duration,
+    perf: Option<&Path>,
+) -> Result<Pair, BoxError> {
+    let via = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(concurrency), model).await?);
+    let warmup = (duration / 3).min(Duration::from_secs(1));
+    load::run(direct.clone(), concurrency, u64::MAX, warmup).await;
+    let direct_run = load::run(direct, concurrency, u64::MAX, duration).await;
+    load::run(via.clone(), concurrency, u64::MAX, warmup).await;
+    let profiler = match perf {
+        Some(out) => Some(super::perf::Recorder::start(gateway.pid, out)?),
+        None => None,
+    };
+    let before = CpuTicks::sample(gateway)?;
+    let gateway_run = load::run(via, concurrency, u64::MAX, duration).await;
+    let cpu = CpuTicks::sample(gateway)?.since(before);
+    if let Some(p) = profiler {
+        p.stop().await;
+    }
+    Ok(Pair { label: label.to_owned(), concurrency, direct: direct_run, gateway: gateway_run, cpu })
+}
+
+/// `n` calls at once on a single HTTP/2 connection: what one client with
+/// many calls in flight meets (see [`STREAMS_PER_CONNECTION`]).
+pub async fn burst(gateway: &Gateway, n: usize, max_time: Duration) -> Result<RunResult, BoxError> {
+    let via = Arc::new(Target::gateway(gateway.grpc_addr, 1, "fast").await?);
+    Ok(load::run(via, n, n as u64, max_time).await)
+}
+
+/// CPU ticks of the gateway, and of the bench's client and upstream threads.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    gateway: u64,
+    client: u64,
+    upstream: u64,
+    bench: u64,
+    machine: u64,
+}
+
+impl CpuTicks {
+    fn sample(gateway: &Gateway) -> Result<Self, BoxError> {
+        Ok(Self {
+            gateway: gateway.usage()?.cpu_ticks,
+            client: thread_ticks(super::CLIENT_THREADS),
+            upstream: thread_ticks(super::UPSTREAM_THREADS),
+            bench: ProcUsage::of("self")?.cpu_ticks,
+            machine: machine_busy_ticks(),
+        })
+    }
+
+    fn since(self, before: Self) -> Cpu {
+        let s = |a: u64, b: u64| a.saturating_sub(b) as f64 / clock_ticks() as f64;
+        Cpu {
+            gateway_s: s(self.gateway, before.gateway),
+            client_s: s(self.client, before.client),
+            upstream_s: s(self.upstream, before.upstream),
+            other_s: s(
+                self.machine.saturating_sub(self.gateway + self.bench),
+                before.machine.saturating_sub(before.gateway + before.bench),
+            ),
+        }
+    }
+}
+
+/// Gateway RSS idle and with `levels` streams held open on the silent
+/// upstream; then every stream is dropped and the upstream must see them all
+/// close.
+pub async fn memory(
+    gateway: &Gateway,
+    stats: &Stats,
+    levels: &[usize],
+    max_time: Duration,
+) -> Result<Memory, BoxError> {
+    // The gateway allows 1,024 streams a connection; stay below.
+    const PER_CONNECTION: usize = 1000;
+    // Opens in flight at once: enough to go fast, few enough not to overflow
+    // the listen backlogs.
+    const OPENERS: usize = 128;
+    let idle_kib = gateway.usage()?.rss_kib;
+    let most = levels.iter().copied().max().unwrap_or(0);
+    let mut clients = Vec::new();
+    for _ in 0..most.div_ceil(PER_CONNECTION) {
+        clients.push(load::connect(gateway.grpc_addr).await?);
+    }
+    let clients = Arc::new(clients);
+    let mut held = Vec::with_capacity(most);
+    let mut mem = Memory {
+        idle_kib,
+        levels: Vec::new(),
+        after_release_kib: 0,
+        open_errors: 0,
+        first_error: None,
+        note: None,
+    };
+    let deadline = Instant::now() + max_time;
+    for &wanted in levels {
+        let started = Instant::now();
+        let next = Arc::new(AtomicUsize::new(held.len()));
+        let mut openers = JoinSet::new();
+        for _ in 0..OPENERS {
+            let next = next.clone();
+            let clients = clients.clone();
+            openers.spawn(async move {
+                let mut opened = Vec::new();
+                let mut errors = (0u64, None::<String>);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= wanted || Instant::now() > deadline {
+                        break;
+                    }
+                    let mut client = load::pb_client(clients[i / PER_CONNECTION].clone());
+                    match load::open_held(&mut client, "slow", "hold").await {
+                        Ok(s) => opened.push(s),
+                        Err(e) => {
+                            errors.0 += 1;
+                            errors.1.get_or_insert(e);
+                        }
+                    }
+                }
+                (opened, errors)
+            });
+        }
+        while let Some(joined) = openers.join_next().await {
+            let (opened, (errors, first)) = joined?;
+            held.extend(opened);
+            mem.open_errors += errors;
+            if mem.first_error.is_none() {
+                mem.first_error = first;
+            }
+        }
+        let open_time_s = started.elapsed().as_secs_f64();
+        // The upstream holding every stream is the sign the gateway has
+        // forwarded each first token and now only waits.
+        wait_until(Duration::from_secs(5), || stats.held.load(Ordering::Relaxed) as usize >= held.len())
+            .await;
+        // Let allocations settle (lazy frees, timers) before reading RSS.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let usage = gateway.usage()?;
+        mem.levels.push(MemoryLevel {
+            wanted,
+            opened: held.len(),
+            rss_kib: usage.rss_kib,
+            threads: usage.threads,
+            open_time_s,
+        });
+    }
+    drop(held);
+    let closed = wait_until(Duration::from_secs(30), || stats.held.load(Ordering::Relaxed) == 0).await;
+    if !closed {
+        mem.note = Some(format!(
+            "{} upstream streams still open 30 s after the callers dropped theirs",
+            stats.held.load(Ordering::Relaxed)
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mem.after_release_kib = gateway.usage()?.rss_kib;
+    Ok(mem)
+}
+
+/// `n` cancels, one at a time: open a stream on the silent upstream, take its
+/// first message, drop it, and time until the upstream sees the close.
+pub async fn cancellation(
+    gateway_addr: SocketAddr,
+    stats: &Stats,
+    n: usize,
+) -> Result<Cancellation, BoxError> {
+    const SEEN_WITHIN: Duration = Duration::from_secs(1);
+    let mut client = load::pb_client(load::connect(gateway_addr).await?);
+    let mut c = Cancellation { samples_us: Vec::with_capacity(n), missed: 0, errors: 0, first_error: None };
+    for i in 0..n as u64 {
+        let closed = stats.watch_close(i);
+        let stream = match load::open_held(&mut client, "slow", &format!("bench:{i}")).await {
+            Ok(s) => s,
+            Err(e) => {
+                c.errors += 1;
+                c.first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        let cancelled = Instant::now();
+        drop(stream);
+        match tokio::time::timeout(SEEN_WITHIN, closed).await {
+            Ok(Ok(at)) => c.samples_us.push(at.saturating_duration_since(cancelled).as_micros() as u64),
+            _ => c.missed += 1,
+        }
+    }
+    c.samples_us.sort_unstable();
+    Ok(c)
+}
+
+/// Polls `done` every millisecond until it holds or `limit` passes.
+async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// RSS of the gateway after its load, once idle.
+pub async fn idle_after_load(gateway: &Gateway) -> Result<u64, BoxError> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(gateway.usage()?.rss_kib)
+}
