@@ -2,7 +2,9 @@
 //! on loopback, the `llm-gateway` binary pointing at it, and a tonic load
 //! client, then measures side by side, in one run: added time to first token,
 //! saturation throughput and CPU per delta, RSS per open stream,
-//! cancel-to-upstream-close, and start-up time. It prints a table, writes
+//! cancel-to-upstream-close, start-up time, and the cost of tracing (issue
+//! #4: the same calls with the span exporter off, on, and pointed at a
+//! collector that refuses connections). It prints a table, writes
 //! JSON to `target/bench-results/`, and never judges: budgets are shown, not
 //! asserted.
 //!
@@ -14,7 +16,7 @@
 //!
 //! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
 //! flight in the throughput runs, 64, as in the issue's comparison), `--only
-//! startup,latency,throughput,memory,cancel` (some parts only).
+//! startup,latency,throughput,memory,cancel,tracing` (some parts only).
 //! `BENCH_QUICK=1` is `--quick`; `BENCH_GATEWAY_LOG=FILE` keeps the gateways'
 //! output and `BENCH_GATEWAY_RUST_LOG=FILTER` sets their log filter.
 //!
@@ -32,10 +34,11 @@ use std::{
 
 use support::{
     BoxError,
+    collector::{self, Collector},
     load::{Target, Wire},
     phases,
     process::{self, Gateway},
-    report::{Meta, Report},
+    report::{self, Meta, Report},
     upstream,
 };
 
@@ -50,6 +53,7 @@ enum Phase {
     Throughput,
     Memory,
     Cancel,
+    Tracing,
 }
 
 impl Phase {
@@ -60,9 +64,10 @@ impl Phase {
             "throughput" => Phase::Throughput,
             "memory" => Phase::Memory,
             "cancel" => Phase::Cancel,
+            "tracing" => Phase::Tracing,
             _ => {
                 return Err(format!(
-                    "--only: unknown part {name:?} (startup, latency, throughput, memory, cancel)"
+                    "--only: unknown part {name:?} (startup, latency, throughput, memory, cancel, tracing)"
                 )
                 .into());
             }
@@ -132,6 +137,10 @@ struct Plan {
     run_limit: Duration,
     memory_levels: Vec<usize>,
     cancels: usize,
+    /// Time-to-first-token calls (c=1) and saturation time of each tracing
+    /// variant.
+    tracing_calls: u64,
+    tracing_time: Duration,
     /// The whole bench stops after this, measured or not.
     total_limit: Duration,
 }
@@ -147,6 +156,8 @@ impl Plan {
                 run_limit: Duration::from_secs(10),
                 memory_levels: vec![100, 1000],
                 cancels: 50,
+                tracing_calls: 200,
+                tracing_time: Duration::from_secs(1),
                 total_limit: Duration::from_secs(180),
             }
         } else {
@@ -158,6 +169,8 @@ impl Plan {
                 run_limit: Duration::from_secs(60),
                 memory_levels: vec![1_000, 10_000],
                 cancels: 1_000,
+                tracing_calls: 3_000,
+                tracing_time: Duration::from_secs(5),
                 total_limit: Duration::from_secs(900),
             }
         }
@@ -193,7 +206,16 @@ fn bench() -> Result<(), BoxError> {
         .thread_name(support::CLIENT_THREADS)
         .enable_all()
         .build()?;
+    // The OTLP collector of the tracing part, on a thread of its own so that
+    // its CPU shows apart.
+    let collector_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(support::COLLECTOR_THREADS)
+        .enable_all()
+        .build()?;
     let upstream = upstream_rt.block_on(upstream::start(options.tokens))?;
+    let collector =
+        if options.runs(Phase::Tracing) { Some(collector_rt.block_on(Collector::start())?) } else { None };
     let meta = meta(&options, fd_limit);
     eprintln!(
         "gateway bench: {} mode, {} build, upstream on {}, fd limit {fd_limit}",
@@ -203,7 +225,10 @@ fn bench() -> Result<(), BoxError> {
     );
     let result = client_rt.block_on(async {
         tokio::select! {
-            r = tokio::time::timeout(plan.total_limit, run(&options, &plan, &upstream, meta, &out_dir)) => {
+            r = tokio::time::timeout(
+                plan.total_limit,
+                run(&options, &plan, &upstream, collector.as_ref(), meta, &out_dir),
+            ) => {
                 r.unwrap_or_else(|_| Err(format!("stopped after {:?}", plan.total_limit).into()))
             }
             _ = interrupted() => Err("interrupted".into()),
@@ -211,7 +236,9 @@ fn bench() -> Result<(), BoxError> {
     });
     // Dropping the run (above) killed every gateway; now the upstream.
     drop(upstream);
+    drop(collector);
     client_rt.shutdown_timeout(Duration::from_secs(2));
+    collector_rt.shutdown_timeout(Duration::from_secs(2));
     upstream_rt.shutdown_timeout(Duration::from_secs(2));
     let report = result?;
     print!("{}", report.table());
@@ -230,6 +257,7 @@ async fn run(
     options: &Options,
     plan: &Plan,
     upstream: &upstream::Upstream,
+    collector: Option<&Collector>,
     meta: Meta,
     out_dir: &Path,
 ) -> Result<Report, BoxError> {
@@ -245,6 +273,7 @@ async fn run(
         idle_after_load_kib: None,
         memory: None,
         cancellation: None,
+        tracing: Vec::new(),
     };
 
     if options.runs(Phase::Startup) {
@@ -323,6 +352,11 @@ async fn run(
                 Some(phases::cancellation(gateway.grpc_addr, &upstream.stats, plan.cancels).await?);
         }
     }
+    if options.runs(Phase::Tracing)
+        && let Some(collector) = collector
+    {
+        report.tracing = tracing_cost(options, plan, &config, collector).await?;
+    }
     let stats = &upstream.stats;
     eprintln!(
         "gateway bench: done; upstream: {} requests, {} connections, {} completed, {} aborted",
@@ -332,6 +366,55 @@ async fn run(
         stats.aborted.load(Ordering::Relaxed),
     );
     Ok(report)
+}
+
+/// Issue #4: the same workload against three gateways started one after the
+/// other: no exporter (the default), an exporter to the bench's collector,
+/// and an exporter to a port where nothing listens.
+async fn tracing_cost(
+    options: &Options,
+    plan: &Plan,
+    config: &str,
+    collector: &Collector,
+) -> Result<Vec<report::TracingVariant>, BoxError> {
+    // Exports every 200 ms instead of the default 5 s, so that the
+    // exporter's work falls inside the measured runs.
+    const SCHEDULE_DELAY: (&str, &str) = ("OTEL_BSP_SCHEDULE_DELAY", "200");
+    let bin = Path::new(GATEWAY_BIN);
+    let dead = collector::dead_endpoint()?;
+    let exporting_to = |addr: std::net::SocketAddr| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+            (SCHEDULE_DELAY.0, SCHEDULE_DELAY.1.to_owned()),
+        ]
+    };
+    let variants = [
+        ("off", Vec::new(), None),
+        ("on", exporting_to(collector.addr), Some(&*collector.stats)),
+        ("collector down", exporting_to(dead), None),
+    ];
+    let mut out = Vec::new();
+    for (label, env, stats) in variants {
+        progress(&format!(
+            "tracing cost, exporter {label}: {} calls at c=1, {:?} at c={}",
+            plan.tracing_calls, plan.tracing_time, options.throughput_concurrency
+        ));
+        let run = phases::TracingRun {
+            label,
+            env,
+            collector: stats,
+            calls: plan.tracing_calls,
+            concurrency: options.throughput_concurrency,
+            duration: plan.tracing_time,
+            max_time: plan.run_limit,
+        };
+        let mut variant = phases::tracing_variant(bin, config, run).await?;
+        if label == "collector down" && !collector::still_refused(dead) {
+            variant.note = Some(format!("something took {dead} during the run: the collector was not down"));
+        }
+        out.push(variant);
+    }
+    Ok(out)
 }
 
 fn progress(what: &str) {

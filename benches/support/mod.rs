@@ -1,6 +1,8 @@
 //! The parts of the gateway bench: the fake upstream, the gateway child
-//! process, the load client, the measurements and the report.
+//! process, the load client, the OTLP collector, the measurements and the
+//! report.
 
+pub mod collector;
 pub mod load;
 pub mod perf;
 pub mod phases;
@@ -14,3 +16,4 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Names of the bench's runtime threads, by which their CPU time is read.
 pub const CLIENT_THREADS: &str = "bench-client";
 pub const UPSTREAM_THREADS: &str = "bench-upstream";
+pub const COLLECTOR_THREADS: &str = "bench-collector";

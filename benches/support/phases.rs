@@ -15,9 +15,10 @@ use tokio::task::JoinSet;
 
 use super::{
     BoxError,
+    collector::CollectorStats,
     load::{self, RunResult, STREAMS_PER_CONNECTION, Target},
     process::{Gateway, ProcUsage, clock_ticks, machine_busy_ticks, thread_ticks},
-    report::{Cancellation, Cpu, Memory, MemoryLevel, Pair, Startup},
+    report::{Cancellation, Cpu, Memory, MemoryLevel, Pair, Startup, TracingVariant},
     upstream::Stats,
 };
 
@@ -91,6 +92,81 @@ pub async fn throughput(
     Ok(Pair { label: label.to_owned(), concurrency, direct: direct_run, gateway: gateway_run, cpu })
 }
 
+/// How one tracing-cost gateway is run.
+pub struct TracingRun<'a> {
+    pub label: &'static str,
+    /// Added to the gateway's (scrubbed) environment.
+    pub env: Vec<(&'static str, String)>,
+    /// The collector the gateway exports to, if any: its spans are counted.
+    pub collector: Option<&'a CollectorStats>,
+    /// Calls of the time-to-first-token run, one at a time.
+    pub calls: u64,
+    /// Calls in flight and duration of the saturation run.
+    pub concurrency: usize,
+    pub duration: Duration,
+    /// Longest the time-to-first-token run may take.
+    pub max_time: Duration,
+}
+
+/// A fresh gateway started with `run.env`, then the same workload as the
+/// other parts, through the gateway only: time to first token at c=1 after a
+/// warm-up, and saturation at `run.concurrency` for `run.duration`. Then the
+/// spans the collector received (once its exporter has gone quiet) and the
+/// gateway's dropped-span counter.
+pub async fn tracing_variant(
+    bin: &Path,
+    config: &str,
+    run: TracingRun<'_>,
+) -> Result<TracingVariant, BoxError> {
+    let env: Vec<(&str, &str)> = run.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let spans_before = run.collector.map(|c| (c.spans(), c.requests()));
+    let mut gateway = Gateway::spawn_with_env(bin, config, &env).await?;
+    let mut served = 0;
+
+    let one = Arc::new(Target::gateway(gateway.grpc_addr, 1, "fast").await?);
+    let warmup = load::run(one.clone(), 1, 200.min(run.calls), run.max_time).await;
+    served += warmup.calls + warmup.errors;
+    let ttft = load::run(one, 1, run.calls, run.max_time).await;
+    served += ttft.calls + ttft.errors;
+
+    let c = run.concurrency;
+    let many = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(c), "fast").await?);
+    let warmup = load::run(many.clone(), c, u64::MAX, (run.duration / 3).min(Duration::from_secs(1))).await;
+    served += warmup.calls + warmup.errors;
+    let before = CpuTicks::sample(&gateway)?;
+    let throughput = load::run(many, c, u64::MAX, run.duration).await;
+    let cpu = CpuTicks::sample(&gateway)?.since(before);
+    served += throughput.calls + throughput.errors;
+
+    // The last calls' spans end just after their callers see the end; then
+    // the exporter (if any) sends what it still holds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = match (run.collector, spans_before) {
+        (Some(c), Some((spans, requests))) => {
+            let all = c.settle(Duration::from_secs(1), Duration::from_secs(15)).await;
+            Some((all.saturating_sub(spans), c.requests().saturating_sub(requests)))
+        }
+        _ => None,
+    };
+    let dropped = gateway.metric("llm_gateway_dropped_spans_total").await?;
+    if !gateway.alive() {
+        return Err(format!("the \"{}\" gateway died under load:\n{}", run.label, gateway.tail()).into());
+    }
+    Ok(TracingVariant {
+        label: run.label,
+        env: run.env,
+        ttft,
+        throughput,
+        concurrency: c,
+        cpu,
+        calls_total: served,
+        spans_received: received.map(|r| r.0),
+        export_requests: received.map(|r| r.1),
+        dropped_spans: dropped,
+        note: None,
+    })
+}
+
 /// `n` calls at once on a single HTTP/2 connection: what one client with
 /// many calls in flight meets (see [`STREAMS_PER_CONNECTION`]).
 pub async fn burst(gateway: &Gateway, n: usize, max_time: Duration) -> Result<RunResult, BoxError> {
@@ -104,6 +180,7 @@ struct CpuTicks {
     gateway: u64,
     client: u64,
     upstream: u64,
+    collector: u64,
     bench: u64,
     machine: u64,
 }
@@ -114,6 +191,7 @@ impl CpuTicks {
             gateway: gateway.usage()?.cpu_ticks,
             client: thread_ticks(super::CLIENT_THREADS),
             upstream: thread_ticks(super::UPSTREAM_THREADS),
+            collector: thread_ticks(super::COLLECTOR_THREADS),
             bench: ProcUsage::of("self")?.cpu_ticks,
             machine: machine_busy_ticks(),
         })
@@ -125,6 +203,7 @@ impl CpuTicks {
             gateway_s: s(self.gateway, before.gateway),
             client_s: s(self.client, before.client),
             upstream_s: s(self.upstream, before.upstream),
+            collector_s: s(self.collector, before.collector),
             other_s: s(
                 self.machine.saturating_sub(self.gateway + self.bench),
                 before.machine.saturating_sub(before.gateway + before.bench),

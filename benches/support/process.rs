@@ -1,5 +1,6 @@
-//! The gateway as a child process: its config, its start (timed to health
-//! SERVING), its CPU time and memory from /proc, and its end. The guard kills
+//! The gateway as a child process: its config and environment, its start
+//! (timed to health SERVING), its CPU time and memory from /proc, a metric
+//! from its admin `/metrics`, and its end. The guard kills
 //! the child when dropped, so no exit path (error, Ctrl-C, panic) leaves a
 //! gateway behind.
 
@@ -16,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::oneshot;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+};
 use tonic::transport::Endpoint;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -29,12 +33,11 @@ use super::BoxError;
 const START_WAIT: Duration = Duration::from_secs(30);
 /// Lines of the child's output kept to explain a failure.
 const TAIL: usize = 20;
-/// Variables of the bench's environment that would change what is measured.
-const SCRUBBED_ENV: [&str; 10] = [
+/// Variables of the bench's environment that would change what is measured;
+/// every `OTEL_*` variable goes as well (exporter, sampler, batch settings).
+const SCRUBBED_ENV: [&str; 8] = [
     "RUST_LOG",
     "LLM_GATEWAY_CONFIG",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "HTTP_PROXY",
     "http_proxy",
     "HTTPS_PROXY",
@@ -76,6 +79,8 @@ pub struct Gateway {
     child: Child,
     pub pid: u32,
     pub grpc_addr: SocketAddr,
+    /// The admin listener (`/metrics`), from the "serving" line.
+    pub admin_addr: Option<SocketAddr>,
     pub start: StartTimes,
     log_lines: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -93,6 +98,12 @@ impl Gateway {
     /// Starts `bin` on `config` and waits (bounded) until its health service
     /// answers SERVING.
     pub async fn spawn(bin: &Path, config: &str) -> Result<Self, BoxError> {
+        Self::spawn_with_env(bin, config, &[]).await
+    }
+
+    /// [`Gateway::spawn`], with `env` added to the scrubbed environment (for
+    /// instance `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub async fn spawn_with_env(bin: &Path, config: &str, env: &[(&str, &str)]) -> Result<Self, BoxError> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config)?;
@@ -100,6 +111,14 @@ impl Gateway {
         command.arg("--config").arg(&path).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for var in SCRUBBED_ENV {
             command.env_remove(var);
+        }
+        for (var, _) in std::env::vars_os() {
+            if var.to_str().is_some_and(|v| v.starts_with("OTEL_")) {
+                command.env_remove(var);
+            }
+        }
+        for &(var, value) in env {
+            command.env(var, value);
         }
         // To debug the bench: the gateway's own filter, e.g. `debug`.
         if let Ok(filter) = std::env::var("BENCH_GATEWAY_RUST_LOG") {
@@ -116,6 +135,7 @@ impl Gateway {
             child,
             pid,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: None,
             start: StartTimes { to_log: Duration::ZERO, to_serving: Duration::ZERO },
             log_lines: Arc::new(AtomicU64::new(0)),
             tail: Arc::new(Mutex::new(VecDeque::new())),
@@ -135,7 +155,7 @@ impl Gateway {
         if let Some(err) = stderr {
             read_lines(err, None, Arc::new(AtomicU64::new(0)), gateway.tail.clone(), copy);
         }
-        let (logged_at, addr) = match tokio::time::timeout(START_WAIT, serving_rx).await {
+        let (logged_at, addr, admin) = match tokio::time::timeout(START_WAIT, serving_rx).await {
             Ok(Ok(v)) => v,
             Ok(Err(_)) => {
                 return Err(format!("the gateway exited before serving:\n{}", gateway.tail()).into());
@@ -145,6 +165,7 @@ impl Gateway {
             }
         };
         gateway.grpc_addr = addr;
+        gateway.admin_addr = admin;
         let serving_at = wait_serving(addr).await.map_err(|e| format!("{e}\n{}", gateway.tail()))?;
         gateway.start = StartTimes { to_log: logged_at - t0, to_serving: serving_at - t0 };
         Ok(gateway)
@@ -168,6 +189,39 @@ impl Gateway {
     pub fn usage(&self) -> Result<ProcUsage, BoxError> {
         ProcUsage::of(&self.pid.to_string())
     }
+
+    /// The value of the sample `name` (e.g. `llm_gateway_dropped_spans_total`)
+    /// on the admin listener's `/metrics`; None if the page has no such line.
+    pub async fn metric(&self, name: &str) -> Result<Option<f64>, BoxError> {
+        let admin = self.admin_addr.ok_or("the gateway logged no admin address")?;
+        let page = tokio::time::timeout(Duration::from_secs(5), get_metrics(admin))
+            .await
+            .map_err(|_| "GET /metrics took more than 5 s")??;
+        Ok(sample(&page, name))
+    }
+}
+
+/// GET /metrics over HTTP/1.0, so that the body is neither chunked nor kept
+/// alive: it ends where the connection does.
+async fn get_metrics(admin: SocketAddr) -> Result<String, BoxError> {
+    let mut conn = tokio::net::TcpStream::connect(admin).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await?;
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).await?;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no end of headers in the /metrics answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("/metrics answered {}", head.lines().next().unwrap_or("")).into());
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of a Prometheus text sample with no labels.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Reads a child's output on a thread of its own (so a full pipe never
@@ -175,7 +229,7 @@ impl Gateway {
 /// counts lines and keeps the last few.
 fn read_lines(
     out: impl Read + Send + 'static,
-    mut serving: Option<oneshot::Sender<(Instant, SocketAddr)>>,
+    mut serving: Option<oneshot::Sender<(Instant, SocketAddr, Option<SocketAddr>)>>,
     lines: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<String>>>,
     copy: Option<Arc<Mutex<std::fs::File>>>,
@@ -196,10 +250,10 @@ fn read_lines(
                 let _ = std::io::Write::write_all(&mut *f, line.as_bytes());
             }
             if serving.is_some()
-                && let Some(addr) = serving_addr(&line)
+                && let Some((addr, admin)) = serving_addrs(&line)
                 && let Some(tx) = serving.take()
             {
-                let _ = tx.send((Instant::now(), addr));
+                let _ = tx.send((Instant::now(), addr, admin));
             }
             if let Ok(mut t) = tail.lock() {
                 if t.len() == TAIL {
@@ -211,8 +265,8 @@ fn read_lines(
     });
 }
 
-/// The gRPC address of the JSON "serving" line.
-fn serving_addr(line: &str) -> Option<SocketAddr> {
+/// The gRPC and the admin address of the JSON "serving" line.
+fn serving_addrs(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     if !line.contains("\"serving\"") {
         return None;
     }
@@ -220,7 +274,9 @@ fn serving_addr(line: &str) -> Option<SocketAddr> {
     if v.get("message")?.as_str()? != "serving" {
         return None;
     }
-    v.get("grpc_addr")?.as_str()?.parse().ok()
+    let grpc = v.get("grpc_addr")?.as_str()?.parse().ok()?;
+    let admin = v.get("admin_addr").and_then(|a| a.as_str()?.parse().ok());
+    Some((grpc, admin))
 }
 
 /// Polls grpc.health.v1 until SERVING; returns when it first answered so.

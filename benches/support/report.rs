@@ -55,6 +55,8 @@ pub struct Cpu {
     pub client_s: f64,
     /// The bench's fake-upstream threads.
     pub upstream_s: f64,
+    /// The bench's OTLP collector threads (tracing runs only).
+    pub collector_s: f64,
     /// Everything else on the machine: a quiet machine shows about 0.
     pub other_s: f64,
 }
@@ -109,6 +111,39 @@ pub struct Startup {
     pub idle_rss_kib: Vec<u64>,
 }
 
+/// One gateway of the tracing-cost runs: the same workload with the span
+/// exporter off, on (to the bench's collector), or pointed at a dead port.
+pub struct TracingVariant {
+    pub label: &'static str,
+    /// The `OTEL_*` variables the gateway was started with.
+    pub env: Vec<(&'static str, String)>,
+    /// Time to first token, one call at a time.
+    pub ttft: RunResult,
+    /// Saturation, `concurrency` calls in flight for a fixed time.
+    pub throughput: RunResult,
+    pub concurrency: usize,
+    /// CPU during the saturation run.
+    pub cpu: Cpu,
+    /// Calls this gateway served, warm-ups included (each makes spans).
+    pub calls_total: u64,
+    /// Spans and export requests the collector received from this gateway.
+    pub spans_received: Option<u64>,
+    pub export_requests: Option<u64>,
+    /// `llm_gateway_dropped_spans_total` at the end.
+    pub dropped_spans: Option<f64>,
+    pub note: Option<String>,
+}
+
+impl TracingVariant {
+    fn cpu_s_per_1k_deltas(&self) -> Option<f64> {
+        (self.throughput.deltas > 0).then(|| self.cpu.gateway_s / (self.throughput.deltas as f64 / 1000.0))
+    }
+
+    fn other_cores(&self) -> f64 {
+        self.cpu.other_s / self.throughput.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
 pub struct Report {
     pub meta: Meta,
     pub startup: Option<Startup>,
@@ -119,6 +154,8 @@ pub struct Report {
     pub idle_after_load_kib: Option<u64>,
     pub memory: Option<Memory>,
     pub cancellation: Option<Cancellation>,
+    /// Exporter off / on / collector down, in that order.
+    pub tracing: Vec<TracingVariant>,
 }
 
 fn ms(us: Option<u64>) -> String {
@@ -362,6 +399,10 @@ impl Report {
             let _ = writeln!(out, "  (not run)");
         }
 
+        if !self.tracing.is_empty() {
+            self.tracing_table(&mut out);
+        }
+
         if let Some(s) = &self.startup {
             let p50 = percentile(&s.to_serving_us, 0.5);
             let _ = writeln!(
@@ -375,6 +416,105 @@ impl Report {
             );
         }
         out
+    }
+
+    /// The tracing-cost section of the table.
+    fn tracing_table(&self, out: &mut String) {
+        let c = self.tracing.first().map(|v| v.concurrency).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "\nTracing cost (a fresh gateway per row; OpenAI per-token; TTFT through the gateway at c=1,\n\
+             saturation at c={c})"
+        );
+        let worst =
+            self.tracing.iter().map(|v| (v.other_cores(), v.label)).max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((cores, label)) = worst
+            && cores > DISTURBED_CORES
+        {
+            let _ = writeln!(
+                out,
+                "  WARNING: other processes used up to {cores:.2} cores during the saturation runs (most in \
+                 \"{label}\"): the figures are disturbed; rerun on a quiet machine"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:<15} {:>6}  {:<25} {:>9} {:>9}  {:>12}  {:<25} {:>7} {:>10} {:>8}",
+            "exporter",
+            "calls",
+            "TTFT p50/p99/p99.9 ms",
+            "calls/s",
+            "deltas/s",
+            "gw CPU s/1kd",
+            "cores gw/cli/up/coll/oth",
+            "served",
+            "spans recv",
+            "dropped"
+        );
+        for v in &self.tracing {
+            let secs = v.throughput.elapsed.as_secs_f64().max(1e-9);
+            let _ = writeln!(
+                out,
+                "  {:<15} {:>6}  {:<25} {:>9.0} {:>9.0}  {:>12}  {:<25} {:>7} {:>10} {:>8}{}{}",
+                v.label,
+                v.ttft.calls,
+                triple(&v.ttft.ttft_us),
+                v.throughput.calls_per_s(),
+                v.throughput.deltas_per_s(),
+                v.cpu_s_per_1k_deltas().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
+                format!(
+                    "{:.2}/{:.2}/{:.2}/{:.2}/{:.2}",
+                    v.cpu.gateway_s / secs,
+                    v.cpu.client_s / secs,
+                    v.cpu.upstream_s / secs,
+                    v.cpu.collector_s / secs,
+                    v.cpu.other_s / secs
+                ),
+                v.calls_total,
+                v.spans_received.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                v.dropped_spans.map(|n| format!("{n:.0}")).unwrap_or_else(|| "-".into()),
+                errors(&v.ttft),
+                errors(&v.throughput)
+            );
+        }
+        if let Some(off) = self.tracing.first() {
+            for v in self.tracing.iter().skip(1) {
+                let ttft = |r: &RunResult, p| percentile(&r.ttft_us, p).map(|x| x as i64);
+                let diff = |p| Some(ttft(&v.ttft, p)? - ttft(&off.ttft, p)?);
+                let rel = |a: f64, b: f64| {
+                    if b > 0.0 { format!("{:+.1} %", (a / b - 1.0) * 100.0) } else { "-".into() }
+                };
+                let _ = writeln!(
+                    out,
+                    "  {} vs {}: TTFT p50 {} ms, p99 {} ms; deltas/s {}; gateway CPU per delta {}",
+                    v.label,
+                    off.label,
+                    ms_signed(diff(0.5)),
+                    ms_signed(diff(0.99)),
+                    rel(v.throughput.deltas_per_s(), off.throughput.deltas_per_s()),
+                    match (v.cpu_s_per_1k_deltas(), off.cpu_s_per_1k_deltas()) {
+                        (Some(a), Some(b)) => rel(a, b),
+                        _ => "-".into(),
+                    }
+                );
+            }
+        }
+        for v in &self.tracing {
+            let env = if v.env.is_empty() {
+                "no OTEL_* variable".to_owned()
+            } else {
+                v.env.iter().map(|(k, val)| format!("{k}={val}")).collect::<Vec<_>>().join(" ")
+            };
+            let _ = writeln!(out, "  {}: {env}", v.label);
+            if let Some(note) = &v.note {
+                let _ = writeln!(out, "    note: {note}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  (served = calls the gateway served, warm-ups included; spans recv = spans the bench's collector\n   \
+             received; dropped = llm_gateway_dropped_spans_total on /metrics at the end; coll = the collector)"
+        );
     }
 
     /// The machine-readable record.
@@ -416,6 +556,28 @@ impl Report {
                     "other_processes": p.cpu.other_s,
                 },
                 "gateway_cpu_s_per_1k_deltas": p.cpu_s_per_1k_deltas(),
+            })
+        };
+        let tracing = |v: &TracingVariant| {
+            json!({
+                "variant": v.label,
+                "env": v.env.iter().map(|(k, val)| (k.to_string(), json!(val))).collect::<serde_json::Map<_, _>>(),
+                "ttft_c1": run(&v.ttft),
+                "throughput": run(&v.throughput),
+                "concurrency": v.concurrency,
+                "cpu_s": {
+                    "gateway": v.cpu.gateway_s,
+                    "client": v.cpu.client_s,
+                    "upstream": v.cpu.upstream_s,
+                    "collector": v.cpu.collector_s,
+                    "other_processes": v.cpu.other_s,
+                },
+                "gateway_cpu_s_per_1k_deltas": v.cpu_s_per_1k_deltas(),
+                "calls_served": v.calls_total,
+                "spans_received": v.spans_received,
+                "export_requests": v.export_requests,
+                "dropped_spans": v.dropped_spans,
+                "note": v.note,
             })
         };
         json!({
@@ -468,6 +630,9 @@ impl Report {
                 "missed": c.missed,
                 "errors": c.errors,
                 "first_error": c.first_error,
+            })),
+            "tracing": (!self.tracing.is_empty()).then(|| json!({
+                "variants": self.tracing.iter().map(tracing).collect::<Vec<_>>(),
             })),
             "budgets": {
                 "added_ttft_p99_us": BUDGET_ADDED_TTFT_P99_US,

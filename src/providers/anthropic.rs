@@ -4,13 +4,13 @@
 use std::{borrow::Cow, collections::HashMap};
 
 use eventsource_stream::Event;
-use futures_util::{FutureExt, future::BoxFuture};
-use reqwest::Client;
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    DeltaStream, Provider, ProviderError, UpstreamCall, http,
+    DeltaStream, Provider, ProviderError, UpstreamCall,
+    http::Endpoint,
     sse::{self, Translate},
 };
 use crate::{
@@ -21,22 +21,15 @@ use crate::{
 const VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
-    client: Client,
-    url: String,
-    api_key: Option<String>,
+    endpoint: Endpoint,
     default_max_tokens: u32,
-    server: Option<(String, u16)>,
 }
 
 impl Anthropic {
     pub fn new(_name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        let base = config.base_url.trim_end_matches('/');
         Ok(Self {
-            client: http::client(config)?,
-            url: format!("{base}/messages"),
-            api_key: http::api_key(config)?,
+            endpoint: Endpoint::new(config, "/messages")?,
             default_max_tokens: config.default_max_tokens,
-            server: http::server_of(base),
         })
     }
 }
@@ -47,25 +40,22 @@ impl Provider for Anthropic {
     }
 
     fn server(&self) -> Option<(String, u16)> {
-        self.server.clone()
+        self.endpoint.server.clone()
     }
 
     fn stream(&self, call: UpstreamCall) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
-        let mut request = self
+        let e = &self.endpoint;
+        let mut request = e
             .client
-            .post(&self.url)
+            .post(&e.url)
             .headers(call.headers)
             .header("anthropic-version", VERSION)
             .header("accept", "text/event-stream")
             .json(&body(&call.request, &call.model, self.default_max_tokens));
-        if let Some(key) = &self.api_key {
+        if let Some(key) = &e.api_key {
             request = request.header("x-api-key", key);
         }
-        async move {
-            let response = http::send(request).await?;
-            Ok(sse::deltas(response, Translator::default()))
-        }
-        .boxed()
+        Endpoint::open(request, Translator::default())
     }
 }
 

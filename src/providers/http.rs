@@ -5,7 +5,12 @@ use std::{sync::Once, time::Duration};
 
 use reqwest::{Client, RequestBuilder, Response, header::HeaderMap};
 
-use super::ProviderError;
+use futures_util::{FutureExt, future::BoxFuture};
+
+use super::{
+    DeltaStream, ProviderError,
+    sse::{self, Translate},
+};
 use crate::config::ProviderConfig;
 
 /// Largest error body read from an upstream, so a hostile one cannot make us
@@ -15,6 +20,40 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const MAX_ERROR_MESSAGE: usize = 1024;
 
 static CRYPTO: Once = Once::new();
+
+/// What an HTTP provider holds: its pooled client, the endpoint it posts to,
+/// its key and, for telemetry, the server's address.
+pub(crate) struct Endpoint {
+    pub client: Client,
+    pub url: String,
+    pub api_key: Option<String>,
+    pub server: Option<(String, u16)>,
+}
+
+impl Endpoint {
+    /// `path` is appended to the config's `base_url`.
+    pub(crate) fn new(config: &ProviderConfig, path: &str) -> Result<Self, ProviderError> {
+        let base = config.base_url.trim_end_matches('/');
+        Ok(Self {
+            client: client(config)?,
+            url: format!("{base}{path}"),
+            api_key: api_key(config)?,
+            server: server_of(base),
+        })
+    }
+
+    /// Sends `request` and streams its SSE answer through `translator`.
+    pub(crate) fn open<T: Translate>(
+        request: RequestBuilder,
+        translator: T,
+    ) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
+        async move {
+            let response = send(request).await?;
+            Ok(sse::deltas(response, translator))
+        }
+        .boxed()
+    }
+}
 
 /// Builds the provider's pooled client from its config.
 pub(crate) fn client(config: &ProviderConfig) -> Result<Client, ProviderError> {

@@ -4,13 +4,13 @@
 use std::borrow::Cow;
 
 use eventsource_stream::Event;
-use futures_util::{FutureExt, future::BoxFuture};
-use reqwest::Client;
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
-    DeltaStream, Provider, ProviderError, UpstreamCall, http,
+    DeltaStream, Provider, ProviderError, UpstreamCall,
+    http::{self, Endpoint},
     sse::{self, Translate},
 };
 use crate::{
@@ -22,21 +22,12 @@ use crate::{
 };
 
 pub struct OpenAi {
-    client: Client,
-    url: String,
-    api_key: Option<String>,
-    server: Option<(String, u16)>,
+    endpoint: Endpoint,
 }
 
 impl OpenAi {
     pub fn new(_name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        let base = config.base_url.trim_end_matches('/');
-        Ok(Self {
-            client: http::client(config)?,
-            url: format!("{base}/chat/completions"),
-            api_key: http::api_key(config)?,
-            server: http::server_of(base),
-        })
+        Ok(Self { endpoint: Endpoint::new(config, "/chat/completions")? })
     }
 }
 
@@ -46,24 +37,21 @@ impl Provider for OpenAi {
     }
 
     fn server(&self) -> Option<(String, u16)> {
-        self.server.clone()
+        self.endpoint.server.clone()
     }
 
     fn stream(&self, call: UpstreamCall) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
-        let mut request = self
+        let e = &self.endpoint;
+        let mut request = e
             .client
-            .post(&self.url)
+            .post(&e.url)
             .headers(call.headers)
             .header("accept", "text/event-stream")
             .json(&body(&call.request, &call.model));
-        if let Some(key) = &self.api_key {
+        if let Some(key) = &e.api_key {
             request = request.bearer_auth(key);
         }
-        async move {
-            let response = http::send(request).await?;
-            Ok(sse::deltas(response, Translator::default()))
-        }
-        .boxed()
+        Endpoint::open(request, Translator::default())
     }
 }
 

@@ -78,7 +78,12 @@ impl Attempt {
         if let Some(id) = &first.id {
             self.span.record("gen_ai.response.id", id.as_str());
         }
-        tracing::info!(parent: &self.span, ttft_ms = ttft.as_secs_f64() * 1e3, "gen_ai.first_token");
+        tracing::info!(
+            target: crate::telemetry::SPAN_EVENT,
+            parent: &self.span,
+            ttft_ms = ttft.as_secs_f64() * 1e3,
+            "gen_ai.first_token"
+        );
     }
 
     /// Time to first token, once known.

@@ -114,6 +114,49 @@ impl Router {
         self.routes.iter()
     }
 
+    /// One target: sends the request and waits for its first delta.
+    async fn attempt(
+        &self,
+        target: &Target,
+        request: &Arc<ChatRequest>,
+        trace: &telemetry::TraceContext,
+    ) -> Result<Routed, ProviderError> {
+        let mut attempt = Attempt::start(target, request, self.metrics.clone());
+        let call = UpstreamCall {
+            request: request.clone(),
+            model: target.model.to_string(),
+            headers: trace.headers_for(attempt.span()),
+        };
+        let started = Instant::now();
+        let opened = async {
+            let mut stream = target.provider.stream(call).await?;
+            // The first delta with something in it is the commit point: a
+            // failure before it (an overloaded error right after Anthropic's
+            // message_start, say) may still go to the next target.
+            match first_delta(&mut stream).await {
+                Some(Ok(first)) => Ok((first, stream)),
+                Some(Err(e)) => Err(e),
+                None => Err(ProviderError::Stream("upstream sent an empty stream".into())),
+            }
+        }
+        .instrument(attempt.span().clone())
+        .await;
+        match opened {
+            Ok((first, stream)) => {
+                attempt.first_token(started.elapsed(), &first);
+                Ok(Routed {
+                    provider: target.provider_name.clone(),
+                    model: first.model.as_deref().map(Arc::from).unwrap_or_else(|| target.model.clone()),
+                    stream: RoutedStream::new(first, stream, attempt),
+                })
+            }
+            Err(e) => {
+                attempt.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
     /// Opens the call: tries each target in order until one yields its first
     /// delta. Dropping the returned future aborts the attempt under way.
     pub async fn open(
@@ -127,51 +170,14 @@ impl Router {
         let mut attempts = 0;
         for target in &route.targets {
             attempts += 1;
-            let mut attempt = Attempt::start(target, &request, self.metrics.clone());
-            let call = UpstreamCall {
-                request: request.clone(),
-                model: target.model.to_string(),
-                headers: trace.headers_for(attempt.span()),
-            };
-            let started = Instant::now();
-            let opened = target.provider.stream(call).instrument(attempt.span().clone()).await;
-            let mut stream = match opened {
-                Ok(s) => s,
+            match self.attempt(target, &request, trace).await {
+                Ok(routed) => return Ok(routed),
                 Err(e) => {
-                    attempt.fail(&e);
                     let retry = e.retryable();
                     last = Some((target, e));
-                    if retry {
-                        continue;
+                    if !retry {
+                        break;
                     }
-                    break;
-                }
-            };
-            // The first delta with something in it is the commit point: a
-            // failure before it (an overloaded error right after Anthropic's
-            // message_start, say) may still go to the next target.
-            match first_delta(&mut stream).instrument(attempt.span().clone()).await {
-                Some(Ok(first)) => {
-                    attempt.first_token(started.elapsed(), &first);
-                    return Ok(Routed {
-                        provider: target.provider_name.clone(),
-                        model: first.model.as_deref().map(Arc::from).unwrap_or_else(|| target.model.clone()),
-                        stream: RoutedStream::new(first, stream, attempt),
-                    });
-                }
-                Some(Err(e)) => {
-                    attempt.fail(&e);
-                    let retry = e.retryable();
-                    last = Some((target, e));
-                    if retry {
-                        continue;
-                    }
-                    break;
-                }
-                None => {
-                    let e = ProviderError::Stream("upstream sent an empty stream".into());
-                    attempt.fail(&e);
-                    last = Some((target, e));
                 }
             }
         }

@@ -68,8 +68,9 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     };
 
     // Log lines are events: the log layer never sees a span, so spans cost
-    // nothing when no exporter wants them (their fields are not formatted).
-    let fmt = fmt.with_filter(filter.and(filter_fn(|m| m.is_event())));
+    // nothing when no exporter wants them (their fields are not formatted),
+    // nor the events meant for spans only.
+    let fmt = fmt.with_filter(filter.and(filter_fn(|m| m.is_event() && m.target() != super::SPAN_EVENT)));
 
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let endpoint = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")

@@ -19,6 +19,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use init::{Telemetry, TelemetryError, init};
 
+/// The target of events meant for a span only (the first token), which the
+/// log layer leaves out: one log line per call is enough.
+pub const SPAN_EVENT: &str = "llm_gateway::span_event";
+
 /// Whether spans go to an OpenTelemetry pipeline (an OTLP endpoint is set).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
