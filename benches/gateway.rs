@@ -292,6 +292,15 @@ async fn run(
                     phases::pair(label, &gateway, openai.clone(), "fast", concurrency, calls, plan.run_limit);
                 report.latency.push(run.await?);
             }
+            // The mock provider has no network: the gateway's own cost for
+            // one stream. Its "direct" column is the OpenAI stub's, as a
+            // reference, not the same request.
+            if let Some(&(1, calls)) = plan.latency.first() {
+                progress("time to first token, mock provider, c=1");
+                let label = "mock (direct: openai)";
+                let run = phases::pair(label, &gateway, openai.clone(), "mock", 1, calls, plan.run_limit);
+                report.latency.push(run.await?);
+            }
             let (concurrency, calls) = plan.anthropic;
             progress(&format!("time to first token, anthropic, c={concurrency}"));
             let direct = Arc::new(Target::direct(upstream.addr, Wire::Anthropic, "fast")?);

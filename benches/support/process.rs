@@ -56,11 +56,13 @@ telemetry: {{log_format: json, log_level: info}}
 providers:
   up: {{kind: openai, base_url: \"http://{upstream}/v1\"}}
   an: {{kind: anthropic, base_url: \"http://{upstream}/v1\"}}
+  mk: {{kind: mock}}
 models:
   fast: {{targets: [{{provider: up, model: fast}}]}}
   burst: {{targets: [{{provider: up, model: burst}}]}}
   slow: {{targets: [{{provider: up, model: slow}}]}}
   an-fast: {{targets: [{{provider: an, model: fast}}]}}
+  mock: {{targets: [{{provider: mk, model: \"lorem?tokens=20\"}}]}}
 "
     )
 }
