@@ -47,7 +47,7 @@ pub async fn serve(
     }
     let service = TowerToHyperService::new(routes);
     let graceful = GracefulShutdown::new();
-    let mut conns = JoinSet::new();
+    let mut connection_set = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -68,16 +68,16 @@ pub async fn serve(
         }
         let conn = http2.serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn);
-        conns.spawn(async move {
+        connection_set.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
         // Reap finished connections so the set does not grow with them.
-        while conns.try_join_next().is_some() {}
+        while connection_set.try_join_next().is_some() {}
     }
     drop(listener);
-    Drain { graceful, conns }
+    Drain { graceful, conns: connection_set }
 }
 
 /// The connections still open when the listener closed.

@@ -36,6 +36,18 @@ pub(crate) const WAIT: Duration = Duration::from_secs(5);
 /// contract says 50 ms; the benchmark measures that, tests allow slack.
 pub(crate) const CLOSE_BOUND: Duration = Duration::from_secs(1);
 
+/// Polls `probe` (bounded by `bound`, 10 ms apart) until it returns true:
+/// for state another process or task publishes with no event to wait on
+/// (an HTTP status, a metric written when tonic drops a stream).
+pub(crate) async fn eventually(bound: Duration, what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    within(bound, what, async {
+        while !probe().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 /// Awaits `fut` for at most `bound`, failing the test with `what` otherwise.
 pub(crate) async fn within<T>(bound: Duration, what: &str, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(bound, fut).await {

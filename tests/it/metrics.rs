@@ -1,11 +1,11 @@
 //! `/metrics` on the admin listener: counters and histograms move as calls
 //! are made, with low-cardinality labels only.
 
-use std::time::Duration;
-
 use tonic::Code;
 
-use crate::harness::{Gateway, WAIT, collect, completion_request, config, http, stream_request, within};
+use crate::harness::{
+    Gateway, WAIT, collect, completion_request, config, eventually, http, stream_request, within,
+};
 
 async fn scrape(gw: &Gateway) -> String {
     let response =
@@ -22,16 +22,13 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 /// Scrapes until `pred` holds: a stream's record is written when tonic drops
 /// it, just after the caller has read its end.
 async fn scrape_until(gw: &Gateway, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    within(WAIT, what, async {
-        loop {
-            let text = scrape(gw).await;
-            if pred(&text) {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let mut last = String::new();
+    eventually(WAIT, what, async || {
+        last = scrape(gw).await;
+        pred(&last)
     })
-    .await
+    .await;
+    last
 }
 
 #[tokio::test]

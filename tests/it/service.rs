@@ -1,8 +1,6 @@
 //! The services beside completions: ListModels, health, reflection (v1 and
 //! v1alpha, so `grpcurl list` / `describe` work), and the admin endpoints.
 
-use std::time::Duration;
-
 use llm_gateway::api::pb;
 use prost::Message;
 use tonic::{Code, transport::Channel};
@@ -11,7 +9,7 @@ use tonic_health::pb::{
 };
 use tonic_reflection::pb::{v1, v1alpha};
 
-use crate::harness::{Gateway, WAIT, get_status, within};
+use crate::harness::{Gateway, WAIT, eventually, get_status, within};
 
 /// `grpcurl list` over reflection v1.
 pub(crate) async fn list_services_v1(channel: Channel) -> Vec<String> {
@@ -162,12 +160,7 @@ async fn admin_endpoints_answer() {
     assert_eq!(get_status(&gw.admin_url("/healthz")).await, 200);
     // Ready once serving; the admin listener may answer a moment before.
     let readyz = gw.admin_url("/readyz");
-    within(WAIT, "/readyz to answer 200", async {
-        while get_status(&readyz).await != 200 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    eventually(WAIT, "/readyz to answer 200", async || get_status(&readyz).await == 200).await;
     let metrics = within(WAIT, "/metrics", crate::harness::http().get(gw.admin_url("/metrics")).send())
         .await
         .expect("/metrics answers");

@@ -13,23 +13,13 @@ use tonic_health::pb::{
 
 use crate::{
     harness::{
-        Binary, CLOSE_BOUND, Gateway, WAIT, collect, config, config_with_model, connect, get_status,
-        stream_request, within,
+        Binary, CLOSE_BOUND, Gateway, WAIT, collect, config, config_with_model, connect, eventually,
+        get_status, stream_request, within,
     },
     streaming::assert_stream_shape,
     upstream::{Reply, Step, Upstream},
     wire::openai,
 };
-
-/// Polls `probe` (bounded by `bound`, 10 ms apart) until it returns true.
-async fn eventually(bound: Duration, what: &str, mut probe: impl AsyncFnMut() -> bool) {
-    within(bound, what, async {
-        while !probe().await {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
 
 /// One delta, then a minute of silence.
 fn slow_reply() -> Reply {
