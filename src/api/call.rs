@@ -177,6 +177,11 @@ impl Call {
         self.outcome = Some((Code::Ok, ""));
     }
 
+    /// The answer ended with its final delta.
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
     /// An answer with no upstream behind it (ListModels).
     pub fn succeeded(&mut self) {
         self.outcome = Some((Code::Ok, ""));

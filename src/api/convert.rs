@@ -10,6 +10,8 @@ use crate::chat::{
 
 const MAX_STOP: usize = 4;
 const MAX_TOOL_CALLS: usize = 256;
+/// OpenAI's own limit; a caller cannot make validation cost without bound.
+const MAX_TOOLS: usize = 128;
 const MAX_METADATA: usize = 64;
 const MAX_METADATA_KEY: usize = 128;
 const MAX_METADATA_VALUE: usize = 512;
@@ -91,14 +93,16 @@ pub fn chat_request(p: RequestParts) -> Result<(ChatRequest, HashMap<String, Str
     for (i, m) in p.messages.into_iter().enumerate() {
         messages.push(message(i, m)?);
     }
-    let mut tools = Vec::with_capacity(p.tools.len());
-    for (i, t) in p.tools.into_iter().enumerate() {
-        tools.push(tool(i, t)?);
+    if p.tools.len() > MAX_TOOLS {
+        return Err(CallError::invalid("tools", format!("at most {MAX_TOOLS} tools, got {}", p.tools.len())));
     }
-    if let Some(dup) =
-        tools.iter().enumerate().find_map(|(i, t)| tools[..i].iter().any(|o| o.name == t.name).then_some(i))
-    {
-        return Err(CallError::invalid(format!("tools[{dup}].name"), "names a tool twice"));
+    let mut tools = Vec::with_capacity(p.tools.len());
+    let mut names = std::collections::HashSet::with_capacity(p.tools.len());
+    for (i, t) in p.tools.into_iter().enumerate() {
+        if !names.insert(t.name.clone()) {
+            return Err(CallError::invalid(format!("tools[{i}].name"), "names a tool twice"));
+        }
+        tools.push(tool(i, t)?);
     }
     let tool_choice = match p.tool_choice.as_str() {
         "" => ToolChoice::Unset,
@@ -366,6 +370,19 @@ mod tests {
         p.tools =
             vec![pb::Tool { name: "f".into(), description: String::new(), parameters_json: "{nope".into() }];
         assert_eq!(field(chat_request(p)), "tools[0].parameters_json");
+        let mut p = parts();
+        let t = pb::Tool { name: "f".into(), description: String::new(), parameters_json: String::new() };
+        p.tools = vec![t.clone(), t];
+        assert_eq!(field(chat_request(p)), "tools[1].name");
+        let mut p = parts();
+        p.tools = (0..129)
+            .map(|i| pb::Tool {
+                name: format!("f{i}"),
+                description: String::new(),
+                parameters_json: String::new(),
+            })
+            .collect();
+        assert_eq!(field(chat_request(p)), "tools");
         let mut p = parts();
         p.tool_choice = "g".into();
         assert_eq!(field(chat_request(p)), "tool_choice");

@@ -83,6 +83,17 @@ impl CallError {
                 };
                 format!("provider {provider:?} rejected the request: {message}")
             }
+            CallError::Route(RouteError::Exhausted {
+                attempts,
+                provider,
+                last: ProviderError::Status { status: status @ (401 | 403), .. },
+                ..
+            }) => {
+                // The provider's own message can quote the gateway's key.
+                format!(
+                    "{attempts} target(s) tried, all failed; last, provider {provider:?} refused the gateway's credentials (HTTP {status}); see the gateway's log"
+                )
+            }
             CallError::Route(RouteError::Exhausted { attempts, provider, last, .. }) => {
                 format!("{attempts} target(s) tried, all failed; last, provider {provider:?}: {last}")
             }
@@ -99,5 +110,27 @@ impl CallError {
             status.metadata_mut().insert("retry-after-ms", v);
         }
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_key_is_not_echoed_to_callers() {
+        let e = CallError::Route(RouteError::Exhausted {
+            attempts: 1,
+            provider: "oa".into(),
+            model: "m".into(),
+            last: ProviderError::Status {
+                status: 401,
+                message: "Incorrect API key provided: sk-...abcd".into(),
+                retry_after: None,
+            },
+        });
+        let status = e.to_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("sk-"), "{}", status.message());
     }
 }

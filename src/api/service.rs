@@ -181,7 +181,9 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
         let opened = g.bounded(deadline, g.open(&mut call, &metadata, body.into())).instrument(span).await;
         match opened {
             Ok(routed) => {
-                let shutdown = g.hard_stop.clone().cancelled_owned().boxed();
+                // A token of its own, so the stream's polls never touch the
+                // shared token's waiter list.
+                let shutdown = g.hard_stop.child_token().cancelled_owned().boxed();
                 let mut md = MetadataMap::new();
                 call.headers(&mut md);
                 let mut response = Response::new(ResponseStream::new(call, routed.stream, shutdown));

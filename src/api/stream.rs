@@ -55,7 +55,7 @@ impl Stream for ResponseStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if this.done {
-            if !std::mem::replace(&mut this.drained, true) {
+            if this.call.is_finished() && !std::mem::replace(&mut this.drained, true) {
                 // Lets the upstream body reach its end without waiting, so its
                 // connection goes back to the pool.
                 let _ = this.upstream.poll_next_unpin(cx);

@@ -314,6 +314,9 @@ api_keys:
         let text = format!("{GOOD}server:\n  shutdown_grace: soon\n");
         let e = parse(&text, None).unwrap_err();
         assert!(e.to_string().contains("soon"), "{e}");
+        let text = format!("{GOOD}server:\n  shutdown_grace: 1000000000s\n");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("shutdown_grace"), "{e}");
         let text = GOOD.replace("2c26b4", "zz26b4");
         let e = parse(&text, None).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("api_keys[0].key_sha256"));

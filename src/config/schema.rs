@@ -207,6 +207,8 @@ impl Default for TelemetryConfig {
     }
 }
 
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A duration written as `30s`, `250ms`, `1m 30s`, or a bare number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
@@ -215,10 +217,15 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Secs(u64),
         Text(String),
     }
-    match Raw::deserialize(d)? {
-        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+    let d = match Raw::deserialize(d)? {
+        Raw::Secs(s) => Duration::from_secs(s),
         Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
             serde::de::Error::custom(format!("{t:?} is not a duration like \"30s\" or \"250ms\": {e}"))
-        }),
+        })?,
+    };
+    // Timers add durations to the clock; an absurd one would overflow it.
+    if d > MAX_DURATION {
+        return Err(serde::de::Error::custom("a duration over 30 days is not supported"));
     }
+    Ok(d)
 }

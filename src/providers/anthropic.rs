@@ -5,6 +5,7 @@ use std::{borrow::Cow, collections::HashMap};
 
 use eventsource_stream::Event;
 use futures_util::future::BoxFuture;
+use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -22,15 +23,26 @@ const VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
     endpoint: Endpoint,
+    /// The key as a header value marked sensitive (kept out of HPACK tables
+    /// and debug output).
+    key_header: Option<HeaderValue>,
     default_max_tokens: u32,
 }
 
 impl Anthropic {
     pub fn new(_name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        Ok(Self {
-            endpoint: Endpoint::new(config, "/messages")?,
-            default_max_tokens: config.default_max_tokens,
-        })
+        let endpoint = Endpoint::new(config, "/messages")?;
+        let key_header = match &endpoint.api_key {
+            Some(key) => {
+                let mut v = HeaderValue::from_str(key).map_err(|_| {
+                    ProviderError::Setup("the API key holds characters a header cannot carry".into())
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Self { endpoint, key_header, default_max_tokens: config.default_max_tokens })
     }
 }
 
@@ -52,8 +64,8 @@ impl Provider for Anthropic {
             .header("anthropic-version", VERSION)
             .header("accept", "text/event-stream")
             .json(&body(&call.request, &call.model, self.default_max_tokens));
-        if let Some(key) = &e.api_key {
-            request = request.header("x-api-key", key);
+        if let Some(key) = &self.key_header {
+            request = request.header("x-api-key", key.clone());
         }
         Endpoint::open(request, Translator::default())
     }

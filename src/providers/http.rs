@@ -16,6 +16,8 @@ use crate::config::ProviderConfig;
 /// Largest error body read from an upstream, so a hostile one cannot make us
 /// buffer without bound.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Longest wait passed on from an upstream's Retry-After.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Longest provider message carried into a status.
 const MAX_ERROR_MESSAGE: usize = 1024;
 
@@ -75,7 +77,10 @@ pub(crate) fn client(config: &ProviderConfig) -> Result<Client, ProviderError> {
         .http2_initial_stream_window_size(1 << 20)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_while_idle(false)
-        .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")));
+        .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
+        // A redirect would carry the key (x-api-key survives a cross-host
+        // redirect) and the prompt to another host: never follow one.
+        .redirect(reqwest::redirect::Policy::none());
     if let Some(proxy) = &config.proxy {
         let proxy = reqwest::Proxy::all(proxy).map_err(|e| ProviderError::Setup(format!("proxy: {e}")))?;
         builder = builder.proxy(proxy);
@@ -108,7 +113,8 @@ pub(crate) async fn send(request: RequestBuilder) -> Result<Response, ProviderEr
         if e.is_timeout() {
             ProviderError::Connect("timed out".into())
         } else {
-            ProviderError::Connect(error_chain(&e))
+            // The URL stays out: callers see this message.
+            ProviderError::Connect(error_chain(&e.without_url()))
         }
     })?;
     let status = response.status();
@@ -188,11 +194,13 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|ms| ms.is_finite() && *ms >= 0.0)
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(
+            Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(MAX_RETRY_AFTER).min(MAX_RETRY_AFTER),
+        );
     }
     let value = headers.get("retry-after")?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let when = humantime::parse_rfc3339_weak(value).ok().or_else(|| httpdate(value))?;
     Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default())
@@ -251,5 +259,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        // An absurd value is capped, never a panic.
+        let mut h = HeaderMap::new();
+        h.insert("retry-after-ms", "1e30".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
     }
 }

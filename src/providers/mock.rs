@@ -47,6 +47,11 @@ struct Plan {
     fail_after: Option<u32>,
 }
 
+/// Pacing beyond an hour is a typo; it would also overflow the timer.
+fn short(d: Duration) -> Option<Duration> {
+    (d <= Duration::from_secs(3600)).then_some(d)
+}
+
 fn plan(defaults: &MockConfig, model: &str) -> Result<Plan, ProviderError> {
     let (base, query) = model.split_once('?').unwrap_or((model, ""));
     let mut plan = Plan {
@@ -66,8 +71,12 @@ fn plan(defaults: &MockConfig, model: &str) -> Result<Plan, ProviderError> {
         };
         match key {
             "tokens" => plan.tokens = value.parse().map_err(|_| bad())?,
-            "delay" => plan.delay = humantime::parse_duration(value).map_err(|_| bad())?,
-            "ttft" => plan.ttft = humantime::parse_duration(value).map_err(|_| bad())?,
+            "delay" => {
+                plan.delay = short(humantime::parse_duration(value).map_err(|_| bad())?).ok_or_else(bad)?
+            }
+            "ttft" => {
+                plan.ttft = short(humantime::parse_duration(value).map_err(|_| bad())?).ok_or_else(bad)?
+            }
             "fail" => plan.fail = Some(value.parse().map_err(|_| bad())?),
             "fail_after" => plan.fail_after = Some(value.parse().map_err(|_| bad())?),
             _ => return Err(bad()),

@@ -212,6 +212,8 @@ struct WireUsage {
 #[derive(Default)]
 pub(crate) struct Translator {
     started: bool,
+    sent_id: bool,
+    sent_model: bool,
     finish_reason: Option<FinishReason>,
     saw_finish: bool,
     usage: Usage,
@@ -247,9 +249,14 @@ impl Translate for Translator {
             self.usage = Usage { input_tokens: u.prompt_tokens, output_tokens: u.completion_tokens };
         }
         let mut delta = Delta::default();
-        if !self.started {
-            delta.id = chunk.id.map(Cow::into_owned);
-            delta.model = chunk.model.map(Cow::into_owned);
+        // Azure's first chunk carries empty ones: take the first non-empty.
+        if !self.sent_id {
+            delta.id = chunk.id.filter(|v| !v.is_empty()).map(Cow::into_owned);
+            self.sent_id = delta.id.is_some();
+        }
+        if !self.sent_model {
+            delta.model = chunk.model.filter(|v| !v.is_empty()).map(Cow::into_owned);
+            self.sent_model = delta.model.is_some();
         }
         // n > 1 is not part of our API: only the first choice is followed.
         if let Some(choice) = chunk.choices.into_iter().next() {
@@ -274,7 +281,8 @@ impl Translate for Translator {
                 }
             }
         }
-        if delta.content.is_empty() && delta.tool_calls.is_empty() && self.started {
+        let informative = delta.id.is_some() || delta.model.is_some();
+        if delta.content.is_empty() && delta.tool_calls.is_empty() && self.started && !informative {
             return Ok(None);
         }
         self.started = true;
@@ -338,6 +346,21 @@ mod tests {
         let finish = last.finish.unwrap();
         assert_eq!(finish.reason, Some(FinishReason::Length));
         assert_eq!(finish.usage, Usage { input_tokens: 5, output_tokens: 2 });
+    }
+
+    #[test]
+    fn empty_id_and_model_are_not_taken() {
+        // Azure OpenAI opens with a prompt-filter chunk whose id and model are empty.
+        let mut t = Translator::default();
+        let first =
+            t.event(ev(r#"{"id":"","model":"","choices":[],"prompt_filter_results":[]}"#)).unwrap().unwrap();
+        assert!(first.model.is_none() && first.id.is_none());
+        let d = t
+            .event(ev(r#"{"id":"c9","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"x"}}]}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(d.id.as_deref(), Some("c9"));
     }
 
     #[test]

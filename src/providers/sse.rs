@@ -27,13 +27,15 @@ pub(crate) trait Translate: Send + Unpin + 'static {
 /// The deltas of an SSE response, translated by `translator`.
 pub(crate) fn deltas<T: Translate>(response: reqwest::Response, translator: T) -> DeltaStream {
     Box::pin(Translated {
-        events: Box::pin(response.bytes_stream().eventsource()),
+        events: Box::pin(
+            EventBound { inner: Box::pin(response.bytes_stream()), pending: 0, newline: false }.eventsource(),
+        ),
         translator,
         state: State::Open,
     })
 }
 
-type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<BodyError>>> + Send>>;
 
 #[derive(PartialEq)]
 enum State {
@@ -96,9 +98,14 @@ impl<T: Translate> Stream for Translated<T> {
     }
 }
 
-fn stream_error(e: EventStreamError<reqwest::Error>) -> ProviderError {
+fn stream_error(e: EventStreamError<BodyError>) -> ProviderError {
     match e {
-        EventStreamError::Transport(e) => ProviderError::Stream(error_chain(&e)),
+        EventStreamError::Transport(BodyError::Transport(e)) => {
+            ProviderError::Stream(error_chain(&e.without_url()))
+        }
+        EventStreamError::Transport(BodyError::TooLarge) => {
+            ProviderError::Protocol(format!("an SSE event over {MAX_EVENT} bytes"))
+        }
         EventStreamError::Utf8(e) => ProviderError::Protocol(format!("invalid UTF-8: {e}")),
         EventStreamError::Parser(e) => ProviderError::Protocol(format!("invalid SSE: {e}")),
     }
@@ -113,4 +120,87 @@ pub(crate) fn json<'a, D: serde::Deserialize<'a>>(data: &'a str) -> Result<D, Pr
         }
         ProviderError::Protocol(format!("{e} in event data {shown:?}"))
     })
+}
+
+/// Largest SSE event accepted. eventsource-stream buffers an event until its
+/// blank line, so an upstream that never sends one must be cut off.
+const MAX_EVENT: usize = 1 << 20;
+
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Transport(e) => e.fmt(f),
+            BodyError::TooLarge => write!(f, "event over {MAX_EVENT} bytes"),
+        }
+    }
+}
+
+/// Counts the bytes of the event being received (since the last blank
+/// line) and fails the body once one passes [`MAX_EVENT`].
+struct EventBound<S> {
+    inner: S,
+    pending: usize,
+    newline: bool,
+}
+
+impl<S> Stream for EventBound<S>
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Unpin,
+{
+    type Item = Result<bytes::Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let chunk = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Transport(e)))),
+            None => return Poll::Ready(None),
+        };
+        let (mut pending, mut newline) = (self.pending, self.newline);
+        for &b in chunk.iter() {
+            match b {
+                b'\n' if newline => pending = 0,
+                b'\n' => newline = true,
+                b'\r' => {}
+                _ => {
+                    newline = false;
+                    pending += 1;
+                }
+            }
+        }
+        self.pending = pending;
+        self.newline = newline;
+        if pending > MAX_EVENT {
+            return Poll::Ready(Some(Err(BodyError::TooLarge)));
+        }
+        Poll::Ready(Some(Ok(chunk)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_event_without_end_is_cut_off() {
+        let chunks: Vec<Result<bytes::Bytes, reqwest::Error>> = vec![
+            Ok(bytes::Bytes::from_static(b"data: a\r\n\r\n")),
+            Ok(bytes::Bytes::from(vec![b'x'; MAX_EVENT / 2])),
+            Ok(bytes::Bytes::from(vec![b'\n'])),
+            Ok(bytes::Bytes::from(vec![b'x'; MAX_EVENT / 2 + 2])),
+        ];
+        let mut s = EventBound { inner: futures_util::stream::iter(chunks), pending: 0, newline: false };
+        for _ in 0..3 {
+            assert!(s.next().await.unwrap().is_ok());
+        }
+        // One newline alone does not end an event: the two halves add up.
+        assert!(matches!(s.next().await, Some(Err(BodyError::TooLarge))));
+    }
 }

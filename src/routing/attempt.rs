@@ -96,6 +96,8 @@ impl Attempt {
     }
 
     pub(super) fn fail(mut self, error: &ProviderError) {
+        // For the operator: callers get a status, and not every detail.
+        tracing::warn!(provider = &*self.provider, error = %error, "upstream attempt failed");
         self.end("error", Some(error.label()));
     }
 

@@ -130,7 +130,9 @@ impl TraceContext {
             );
             self.parent.with_remote_span_context(sc)
         };
-        propagator().inject_context(&cx, &mut HeaderInjector(&mut headers));
+        // Only the trace context goes upstream: the caller's baggage is for
+        // its own services, not for a third-party provider.
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut headers));
         headers
     }
 }
