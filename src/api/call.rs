@@ -23,6 +23,9 @@ use crate::{
     },
 };
 
+/// Most completion text recorded on a span; past it the record is cut.
+const MAX_RECORDED: usize = 1 << 20;
+
 /// Longest `grpc-timeout` value: 8 digits (gRPC over HTTP/2 spec).
 const MAX_TIMEOUT_DIGITS: usize = 8;
 
@@ -146,7 +149,9 @@ impl Call {
 
     /// Adds streamed text to the recorded completion, when recording.
     pub fn record_output(&mut self, text: &str) {
-        if let Some(out) = &mut self.output {
+        if let Some(out) = &mut self.output
+            && out.len() < MAX_RECORDED
+        {
             out.push_str(text);
         }
     }

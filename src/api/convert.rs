@@ -290,6 +290,11 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// Bytes gathered so far.
+    pub fn size(&self) -> usize {
+        self.content.len() + self.tool_calls.iter().map(|c| c.arguments_json.len()).sum::<usize>()
+    }
+
     pub fn push(&mut self, d: Delta) {
         if self.id.is_none() {
             self.id = d.id;

@@ -18,9 +18,14 @@ use super::{
     stream::ResponseStream,
 };
 use crate::{
+    providers::ProviderError,
     routing::{RouteError, Routed, Router},
     telemetry::metrics::Metrics,
 };
+
+/// Largest whole answer `Completion` gathers; a stream has no such bound
+/// since nothing is held.
+const MAX_ANSWER: usize = 64 << 20;
 
 /// What every call needs, shared by all of them.
 pub struct Gateway {
@@ -136,6 +141,11 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
                         let delta = delta.map_err(CallError::MidStream)?;
                         call.record_output(&delta.content);
                         collector.push(delta);
+                        if collector.size() > MAX_ANSWER {
+                            return Err(CallError::MidStream(ProviderError::Protocol(format!(
+                                "the answer passed {MAX_ANSWER} bytes"
+                            ))));
+                        }
                         if collector.finish.is_some() {
                             break;
                         }
