@@ -1,6 +1,7 @@
 //! The gateway's benchmark (issue #6): starts a fake OpenAI/Anthropic upstream
 //! on loopback, the `llm-gateway` binary pointing at it, and a tonic load
 //! client, then measures side by side, in one run: added time to first token,
+//! the same at fixed arrival rates below saturation (open loop),
 //! saturation throughput and CPU per delta, RSS per open stream,
 //! cancel-to-upstream-close, start-up time, and the cost of tracing (issue
 //! #4: the same calls with the span exporter off, on, and pointed at a
@@ -16,7 +17,8 @@
 //!
 //! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
 //! flight in the throughput runs, 64, as in the issue's comparison), `--only
-//! startup,latency,throughput,memory,cancel,tracing` (some parts only).
+//! startup,latency,openloop,throughput,memory,cancel,tracing` (some parts
+//! only).
 //! `BENCH_QUICK=1` is `--quick`; `BENCH_GATEWAY_LOG=FILE` keeps the gateways'
 //! output and `BENCH_GATEWAY_RUST_LOG=FILTER` sets their log filter.
 //!
@@ -50,6 +52,7 @@ const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
 enum Phase {
     Startup,
     Latency,
+    OpenLoop,
     Throughput,
     Memory,
     Cancel,
@@ -61,13 +64,14 @@ impl Phase {
         Ok(match name {
             "startup" => Phase::Startup,
             "latency" => Phase::Latency,
+            "openloop" => Phase::OpenLoop,
             "throughput" => Phase::Throughput,
             "memory" => Phase::Memory,
             "cancel" => Phase::Cancel,
             "tracing" => Phase::Tracing,
             _ => {
                 return Err(format!(
-                    "--only: unknown part {name:?} (startup, latency, throughput, memory, cancel, tracing)"
+                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing)"
                 )
                 .into());
             }
@@ -132,6 +136,10 @@ struct Plan {
     /// Concurrency and calls of each time-to-first-token row (OpenAI).
     latency: Vec<(usize, u64)>,
     anthropic: (usize, u64),
+    /// Arrival rates (calls/s) of the open-loop runs, and how long each
+    /// schedule lasts (straight to the upstream, then via the gateway).
+    openloop_rates: Vec<f64>,
+    openloop_time: Duration,
     throughput_time: Duration,
     /// Longest any one run may take, whatever its count.
     run_limit: Duration,
@@ -152,6 +160,8 @@ impl Plan {
                 startups: 2,
                 latency: vec![(1, 100), (64, 640), (1024, 1024)],
                 anthropic: (64, 320),
+                openloop_rates: vec![200.0],
+                openloop_time: Duration::from_secs(1),
                 throughput_time: Duration::from_millis(300),
                 run_limit: Duration::from_secs(10),
                 memory_levels: vec![100, 1000],
@@ -165,6 +175,10 @@ impl Plan {
                 startups: 10,
                 latency: vec![(1, 5_000), (64, 20_000), (1024, 20_480)],
                 anthropic: (64, 10_000),
+                // Fractions of the ~7,000 calls/s this gateway forwards at
+                // saturation on the 2-core machine (docs/performance.md).
+                openloop_rates: vec![500.0, 1_000.0, 2_000.0, 3_000.0],
+                openloop_time: Duration::from_secs(5),
                 throughput_time: Duration::from_secs(10),
                 run_limit: Duration::from_secs(60),
                 memory_levels: vec![1_000, 10_000],
@@ -268,6 +282,7 @@ async fn run(
         meta,
         startup: None,
         latency: Vec::new(),
+        openloop: Vec::new(),
         throughput: Vec::new(),
         burst: None,
         idle_after_load_kib: None,
@@ -281,7 +296,7 @@ async fn run(
         report.startup = Some(phases::startup(bin, &config, plan.startups).await?);
     }
 
-    if options.runs(Phase::Latency) || options.runs(Phase::Throughput) {
+    if [Phase::Latency, Phase::OpenLoop, Phase::Throughput].into_iter().any(|p| options.runs(p)) {
         let mut gateway = Gateway::spawn(bin, &config).await?;
         let openai = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?);
         if options.runs(Phase::Latency) {
@@ -307,6 +322,23 @@ async fn run(
             let label = "anthropic, per-token";
             let run = phases::pair(label, &gateway, direct, "an-fast", concurrency, calls, plan.run_limit);
             report.latency.push(run.await?);
+        }
+        if options.runs(Phase::OpenLoop) {
+            for &rate in &plan.openloop_rates {
+                progress(&format!(
+                    "time to first token, open loop, {rate:.0} calls/s for {:?} each way",
+                    plan.openloop_time
+                ));
+                let run = phases::open_loop(
+                    &gateway,
+                    openai.clone(),
+                    "fast",
+                    rate,
+                    plan.openloop_time,
+                    plan.run_limit,
+                );
+                report.openloop.push(run.await?);
+            }
         }
         if options.runs(Phase::Throughput) {
             let c = options.throughput_concurrency;

@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use llm_gateway::api::pb::{self, llm_gateway_client::LlmGatewayClient};
-use tokio::task::JoinSet;
+use tokio::{sync::Semaphore, task::JoinSet};
 use tonic::{Streaming, transport::Channel};
 
 use super::BoxError;
@@ -109,6 +109,108 @@ impl Target {
     }
 }
 
+/// An open-loop run: its calls, and how the schedule went.
+#[derive(Default)]
+pub struct OpenLoopRun {
+    /// `elapsed` is from the start of the schedule to the end of the last call.
+    pub run: RunResult,
+    /// Calls the schedule started, and the time from its start to the last.
+    pub started: u64,
+    pub schedule: Duration,
+    /// Arrivals that found every slot taken and waited for a call to end.
+    pub queued: u64,
+    pub max_in_flight: usize,
+    /// How late each call started after its arrival time, µs, sorted.
+    pub lag_us: Vec<u64>,
+}
+
+impl OpenLoopRun {
+    /// Calls started per second of the schedule.
+    pub fn achieved_per_s(&self) -> f64 {
+        self.started as f64 / self.schedule.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Open loop: calls start at Poisson arrivals of `rate` a second for
+/// `duration`, whatever the calls before them are doing, with at most
+/// `max_in_flight` running: an arrival that finds them all busy waits for one
+/// to end (and is counted in `queued`). The arrival times come from `seed`,
+/// so two runs with the same seed follow the same schedule. A thread of the
+/// runtime's blocking pool keeps the schedule (a tokio timer would round it
+/// to the millisecond); time to first token is timed from each call's start,
+/// as in [`run`], and `lag_us` says how late that start was. Everything ends
+/// by `max_time`.
+pub async fn open_loop(
+    target: Arc<Target>,
+    rate: f64,
+    duration: Duration,
+    max_in_flight: usize,
+    seed: u64,
+    max_time: Duration,
+) -> OpenLoopRun {
+    let handle = tokio::runtime::Handle::current();
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::from_std(t0 + max_time);
+    let schedule = tokio::task::spawn_blocking(move || {
+        let slots = Arc::new(Semaphore::new(max_in_flight));
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let (mut calls, mut queued, mut most) = (Vec::new(), 0, 0);
+        let mut at = Duration::ZERO;
+        loop {
+            at += Duration::from_secs_f64(-(1.0 - rng.f64()).ln() / rate);
+            if at >= duration {
+                break;
+            }
+            let due = t0 + at;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    queued += 1;
+                    match handle.block_on(tokio::time::timeout_at(deadline, slots.clone().acquire_owned())) {
+                        Ok(Ok(p)) => p,
+                        _ => break,
+                    }
+                }
+            };
+            most = most.max(max_in_flight - slots.available_permits());
+            let target = target.clone();
+            let worker = calls.len();
+            calls.push(handle.spawn(async move {
+                let lag = due.elapsed();
+                let outcome = call(&target, worker).await;
+                drop(permit);
+                (lag, outcome)
+            }));
+        }
+        (calls, queued, most, t0.elapsed())
+    });
+    let mut out = OpenLoopRun::default();
+    let Ok((calls, queued, most, schedule)) = schedule.await else {
+        out.run.add(Err("the open-loop scheduler panicked".into()));
+        return out;
+    };
+    (out.started, out.queued, out.max_in_flight, out.schedule) = (calls.len() as u64, queued, most, schedule);
+    for mut task in calls {
+        match tokio::time::timeout_at(deadline, &mut task).await {
+            Ok(Ok((lag, outcome))) => {
+                out.lag_us.push(lag.as_micros() as u64);
+                out.run.add(outcome);
+            }
+            Ok(Err(e)) => out.run.add(Err(e.to_string())),
+            Err(_) => {
+                task.abort();
+                out.run.add(Err(format!("still running after {max_time:?}")));
+            }
+        }
+    }
+    out.run.elapsed = t0.elapsed();
+    out.run.ttft_us.sort_unstable();
+    out.run.total_us.sort_unstable();
+    out.lag_us.sort_unstable();
+    out
+}
+
 /// A client on one of the connections.
 pub fn pb_client(channel: Channel) -> LlmGatewayClient<Channel> {
     LlmGatewayClient::new(channel)
@@ -152,6 +254,21 @@ impl RunResult {
     pub fn deltas_per_s(&self) -> f64 {
         self.deltas as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    fn add(&mut self, outcome: Result<Sample, String>) {
+        match outcome {
+            Ok(s) => {
+                self.calls += 1;
+                self.deltas += u64::from(s.deltas);
+                self.ttft_us.push(s.ttft.as_micros() as u64);
+                self.total_us.push(s.total.as_micros() as u64);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
 }
 
 /// Runs calls on `target`, `concurrency` at a time, until `max_calls` have
@@ -190,10 +307,7 @@ pub async fn run(target: Arc<Target>, concurrency: usize, max_calls: u64, max_ti
             result.first_error = first_error;
         }
         for s in samples {
-            result.calls += 1;
-            result.deltas += u64::from(s.deltas);
-            result.ttft_us.push(s.ttft.as_micros() as u64);
-            result.total_us.push(s.total.as_micros() as u64);
+            result.add(Ok(s));
         }
     }
     result.elapsed = started.elapsed();

@@ -18,7 +18,7 @@ use super::{
     collector::CollectorStats,
     load::{self, RunResult, STREAMS_PER_CONNECTION, Target},
     process::{Gateway, ProcUsage, clock_ticks, machine_busy_ticks, thread_ticks},
-    report::{Cancellation, Cpu, Memory, MemoryLevel, Pair, Startup, TracingVariant},
+    report::{Cancellation, Cpu, Memory, MemoryLevel, OpenLoop, Pair, Startup, TracingVariant},
     upstream::Stats,
 };
 
@@ -62,6 +62,33 @@ pub async fn pair(
     let gateway_run = load::run(via, concurrency, calls, max_time).await;
     let cpu = CpuTicks::sample(gateway)?.since(before);
     Ok(Pair { label: label.to_owned(), concurrency, direct: direct_run, gateway: gateway_run, cpu })
+}
+
+/// Calls in flight at most in the open-loop runs: the budget's c=64.
+pub const OPEN_LOOP_IN_FLIGHT: usize = 64;
+
+/// Open loop at `rate` calls/s for `duration`: the same Poisson schedule
+/// straight to the upstream and then through the gateway, each after a
+/// warm-up at that rate (a schedule of its own).
+pub async fn open_loop(
+    gateway: &Gateway,
+    direct: Arc<Target>,
+    model: &'static str,
+    rate: f64,
+    duration: Duration,
+    max_time: Duration,
+) -> Result<OpenLoop, BoxError> {
+    let limit = OPEN_LOOP_IN_FLIGHT;
+    let via = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(limit), model).await?);
+    let warmup = (duration / 5).min(Duration::from_secs(1));
+    let seed = rate.to_bits();
+    load::open_loop(direct.clone(), rate, warmup, limit, !seed, max_time).await;
+    let direct_run = load::open_loop(direct, rate, duration, limit, seed, max_time).await;
+    load::open_loop(via.clone(), rate, warmup, limit, !seed, max_time).await;
+    let before = CpuTicks::sample(gateway)?;
+    let gateway_run = load::open_loop(via, rate, duration, limit, seed, max_time).await;
+    let cpu = CpuTicks::sample(gateway)?.since(before);
+    Ok(OpenLoop { rate, limit, direct: direct_run, gateway: gateway_run, cpu })
 }
 
 /// Like [`pair`], but bounded by time only: saturation throughput.

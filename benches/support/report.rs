@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::load::{RunResult, percentile};
+use super::load::{OpenLoopRun, RunResult, percentile};
 
 /// Budgets of issue #6, item 2.
 pub const BUDGET_ADDED_TTFT_P99_US: u64 = 1_000;
@@ -68,6 +68,32 @@ impl Pair {
 
     fn cpu_s_per_1k_deltas(&self) -> Option<f64> {
         (self.gateway.deltas > 0).then(|| self.cpu.gateway_s / (self.gateway.deltas as f64 / 1000.0))
+    }
+}
+
+/// The same open-loop schedule straight to the upstream and through the
+/// gateway.
+pub struct OpenLoop {
+    /// Arrivals per second.
+    pub rate: f64,
+    /// Calls in flight at most.
+    pub limit: usize,
+    pub direct: OpenLoopRun,
+    pub gateway: OpenLoopRun,
+    /// CPU during the gateway run.
+    pub cpu: Cpu,
+}
+
+impl OpenLoop {
+    fn added(&self, p: f64) -> Option<i64> {
+        Some(
+            percentile(&self.gateway.run.ttft_us, p)? as i64
+                - percentile(&self.direct.run.ttft_us, p)? as i64,
+        )
+    }
+
+    fn cores(&self, seconds: f64) -> f64 {
+        seconds / self.gateway.run.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -148,6 +174,8 @@ pub struct Report {
     pub meta: Meta,
     pub startup: Option<Startup>,
     pub latency: Vec<Pair>,
+    /// Open-loop time to first token, one entry per arrival rate.
+    pub openloop: Vec<OpenLoop>,
     pub throughput: Vec<Pair>,
     /// Calls started at once on one connection, and what came of them.
     pub burst: Option<(usize, RunResult)>,
@@ -264,6 +292,10 @@ impl Report {
                 errors(&p.direct),
                 errors(&p.gateway)
             );
+        }
+
+        if !self.openloop.is_empty() {
+            self.openloop_table(&mut out);
         }
 
         let _ = writeln!(out, "\nThroughput at saturation (closed loop)");
@@ -418,6 +450,74 @@ impl Report {
         out
     }
 
+    /// The open-loop section of the table.
+    fn openloop_table(&self, out: &mut String) {
+        let limit = self.openloop.first().map(|o| o.limit).unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "\nAdded time to first token, open loop (arrival rate; at most {limit} in flight)\n\
+             (ms; p50 / p99 / p99.9; Poisson arrivals, the same schedule straight to the upstream and via the gateway)"
+        );
+        let worst =
+            self.openloop.iter().map(|o| (o.cores(o.cpu.other_s), o.rate)).max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((cores, rate)) = worst
+            && cores > DISTURBED_CORES
+        {
+            let _ = writeln!(
+                out,
+                "  WARNING: other processes used up to {cores:.2} cores during the runs (most at {rate:.0}/s): \
+                 the figures are disturbed; rerun on a quiet machine"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:>6} {:>5} {:>7} {:>11} {:>9} {:>9}  {:<25} {:<25} {:<27} {:>12}  budget added p99 < 1 ms",
+            "rate/s",
+            "secs",
+            "calls",
+            "achieved/s",
+            "max infl",
+            "queued",
+            "direct",
+            "via gateway",
+            "added",
+            "cores gw/oth"
+        );
+        for o in &self.openloop {
+            let (d, g) = (&o.direct, &o.gateway);
+            let added = format!(
+                "{} / {} / {}",
+                ms_signed(o.added(0.5)),
+                ms_signed(o.added(0.99)),
+                ms_signed(o.added(0.999))
+            );
+            let ok = o.added(0.99).map(|v| v < BUDGET_ADDED_TTFT_P99_US as i64);
+            let _ = writeln!(
+                out,
+                "  {:>6.0} {:>5.1} {:>7} {:>11} {:>9} {:>9}  {:<25} {:<25} {:<27} {:>12}  {}{}{}",
+                o.rate,
+                g.schedule.as_secs_f64(),
+                g.run.calls,
+                format!("{:.0}/{:.0}", d.achieved_per_s(), g.achieved_per_s()),
+                format!("{}/{}", d.max_in_flight, g.max_in_flight),
+                format!("{}/{}", d.queued, g.queued),
+                triple(&d.run.ttft_us),
+                triple(&g.run.ttft_us),
+                added,
+                format!("{:.2}/{:.2}", o.cores(o.cpu.gateway_s), o.cores(o.cpu.other_s)),
+                mark(ok),
+                errors(&d.run),
+                errors(&g.run)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  (achieved/s, max infl and queued: direct/gateway; queued = arrivals that found {limit} calls in flight\n   \
+             and waited in the client; TTFT is timed from each call's start; cores = the gateway's CPU and other\n   \
+             processes' during the gateway run)"
+        );
+    }
+
     /// The tracing-cost section of the table.
     fn tracing_table(&self, out: &mut String) {
         let c = self.tracing.first().map(|v| v.concurrency).unwrap_or(0);
@@ -558,6 +658,34 @@ impl Report {
                 "gateway_cpu_s_per_1k_deltas": p.cpu_s_per_1k_deltas(),
             })
         };
+        let open_run = |r: &OpenLoopRun| {
+            json!({
+                "started": r.started,
+                "schedule_s": r.schedule.as_secs_f64(),
+                "achieved_per_s": r.achieved_per_s(),
+                "queued_in_client": r.queued,
+                "max_in_flight": r.max_in_flight,
+                "start_lag": dist(&r.lag_us),
+                "calls": run(&r.run),
+            })
+        };
+        let openloop = |o: &OpenLoop| {
+            json!({
+                "rate_per_s": o.rate,
+                "arrivals": "poisson",
+                "max_in_flight_limit": o.limit,
+                "direct": open_run(&o.direct),
+                "gateway": open_run(&o.gateway),
+                "added_ttft_us": {"p50": o.added(0.5), "p99": o.added(0.99), "p999": o.added(0.999)},
+                "cpu_s": {
+                    "gateway": o.cpu.gateway_s,
+                    "client": o.cpu.client_s,
+                    "upstream": o.cpu.upstream_s,
+                    "other_processes": o.cpu.other_s,
+                },
+                "gateway_cores": o.cores(o.cpu.gateway_s),
+            })
+        };
         let tracing = |v: &TracingVariant| {
             json!({
                 "variant": v.label,
@@ -601,6 +729,7 @@ impl Report {
                 "idle_rss_kib": s.idle_rss_kib,
             })),
             "latency": self.latency.iter().map(pair).collect::<Vec<_>>(),
+            "openloop": self.openloop.iter().map(openloop).collect::<Vec<_>>(),
             "throughput": self.throughput.iter().map(pair).collect::<Vec<_>>(),
             "burst_one_connection": self.burst.as_ref().map(|(n, b)| json!({
                 "calls": n,
