@@ -2,7 +2,7 @@
 //! the upstream side: it sees its connection close. The upstream is silent
 //! when the caller leaves, so only the gateway closing the connection can tell it.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use llm_gateway::api::pb;
 use tonic::Streaming;
@@ -12,21 +12,9 @@ use crate::{
         CLOSE_BOUND, Gateway, RawH2, WAIT, completion_request, grpc_frame, stream_call, stream_request,
         within,
     },
-    upstream::{Reply, Step, Upstream},
+    upstream::{Reply, Step, Upstream, slow_reply},
     wire::openai,
 };
-
-/// Two deltas, then a minute of silence, then the rest.
-fn slow_reply() -> Reply {
-    Reply::sse(vec![
-        Step::send(openai::role("c", "gpt-slow")),
-        Step::send(openai::content("c", "gpt-slow", "first")),
-        Step::Sleep(Duration::from_secs(60)),
-        Step::send(openai::content("c", "gpt-slow", " never")),
-        Step::send(openai::finish("c", "gpt-slow", "stop")),
-        Step::send(openai::DONE),
-    ])
-}
 
 async fn read_until_first(stream: &mut Streaming<pb::StreamCompletionResponse>) {
     loop {

@@ -11,22 +11,11 @@ use crate::{
         CLOSE_BOUND, Gateway, RawH2, WAIT, collect, completion_request, config, stream_call, stream_request,
         within,
     },
-    upstream::{Reply, Step, Upstream},
+    upstream::{Reply, Step, Upstream, slow_reply},
     wire::openai,
 };
 
 const DEADLINE_EXCEEDED: i32 = Code::DeadlineExceeded as i32;
-
-/// One delta, then a minute of silence.
-fn slow_reply() -> Reply {
-    Reply::sse(vec![
-        Step::send(openai::role("c", "gpt-slow")),
-        Step::send(openai::content("c", "gpt-slow", "first")),
-        Step::Sleep(Duration::from_secs(60)),
-        Step::send(openai::finish("c", "gpt-slow", "stop")),
-        Step::send(openai::DONE),
-    ])
-}
 
 /// The upstream saw its connection close, within [`CLOSE_BOUND`] of `deadline`.
 async fn assert_aborted_at(up: &Upstream, deadline: Instant) {

@@ -17,20 +17,9 @@ use crate::{
         get_status, stream_request, within,
     },
     streaming::assert_stream_shape,
-    upstream::{Reply, Step, Upstream},
+    upstream::{Reply, Step, Upstream, slow_reply},
     wire::openai,
 };
-
-/// One delta, then a minute of silence.
-fn slow_reply() -> Reply {
-    Reply::sse(vec![
-        Step::send(openai::role("c", "gpt-slow")),
-        Step::send(openai::content("c", "gpt-slow", "first")),
-        Step::Sleep(Duration::from_secs(60)),
-        Step::send(openai::finish("c", "gpt-slow", "stop")),
-        Step::send(openai::DONE),
-    ])
-}
 
 #[tokio::test]
 async fn sigterm_drains_and_lets_the_stream_in_flight_finish() {

@@ -557,3 +557,16 @@ mod self_test {
         }
     }
 }
+
+/// A first delta, then a minute of silence before the end: an upstream that
+/// only a closed connection can stop early.
+pub(crate) fn slow_reply() -> Reply {
+    use crate::wire::openai;
+    Reply::sse(vec![
+        Step::send(openai::role("c", "gpt-slow")),
+        Step::send(openai::content("c", "gpt-slow", "first")),
+        Step::Sleep(Duration::from_secs(60)),
+        Step::send(openai::finish("c", "gpt-slow", "stop")),
+        Step::send(openai::DONE),
+    ])
+}
