@@ -17,7 +17,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    harness::{Binary, WAIT, connect, parse_traceparent, stream_request, within},
+    harness::{Binary, WAIT, connect, parse_traceparent, stream_call, stream_request, within},
     upstream::{Reply, Step, Upstream},
     wire::openai,
 };
@@ -155,16 +155,9 @@ async fn streamed_call_exports_its_span_tree_under_the_callers_trace() {
     .await;
     let gw = traced_gateway(&upstream, &collector).await;
     let mut client = pb::llm_gateway_client::LlmGatewayClient::new(connect(gw.grpc).await);
-    let response =
-        within(WAIT, "StreamCompletion", client.stream_completion(traced(stream_request("chat", "hi"))))
-            .await
-            .expect("call");
-    let mut stream = response.into_inner();
-    let mut text = String::new();
-    while let Some(m) = within(WAIT, "a message", stream.message()).await.expect("stream") {
-        text.push_str(&m.content);
-    }
-    assert_eq!(text, "Hello");
+    let answer = stream_call(&mut client, traced(stream_request("chat", "hi"))).await;
+    answer.end.as_ref().expect("the stream ends OK");
+    assert_eq!(answer.text(), "Hello");
 
     let server =
         collector.span("the server span", |s| s.name == "llmgateway.v1.LlmGateway/StreamCompletion").await;
@@ -261,16 +254,9 @@ async fn a_collector_that_is_down_does_not_fail_calls() {
     .await;
     let mut client = pb::llm_gateway_client::LlmGatewayClient::new(connect(gw.grpc).await);
     for _ in 0..5 {
-        let response =
-            within(WAIT, "StreamCompletion", client.stream_completion(stream_request("chat", "hi")))
-                .await
-                .expect("call");
-        let mut stream = response.into_inner();
-        let mut text = String::new();
-        while let Some(m) = within(WAIT, "a message", stream.message()).await.expect("stream") {
-            text.push_str(&m.content);
-        }
-        assert_eq!(text, "ok");
+        let answer = stream_call(&mut client, stream_request("chat", "hi")).await;
+        answer.end.as_ref().expect("the stream ends OK");
+        assert_eq!(answer.text(), "ok");
     }
     // Shutdown flushes (and gives up on) the queue within a bound.
     gw.proc.signal("TERM");
