@@ -2,6 +2,7 @@
 //! `app` is the composition root; the other modules are its layers.
 
 pub mod admin;
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod chat;
