@@ -18,8 +18,7 @@ use super::{
     stream::ResponseStream,
 };
 use crate::{
-    providers::ProviderError,
-    routing::{RouteError, Routed, Router},
+    routing::{Failure, FailureKind, RouteError, Routed, Router},
     telemetry::metrics::Metrics,
 };
 
@@ -81,11 +80,12 @@ impl Gateway {
         if self.record_content {
             call.record_prompt(&request);
         }
-        let routed = match self.router.open(&model, Arc::new(request), &call.trace).await {
+        let mut gate = crate::admission::Open;
+        let routed = match self.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut gate).await {
             Ok(r) => r,
             Err(e) => {
                 // The caller learns which target failed last.
-                if let RouteError::Exhausted { provider, model, .. } = &e {
+                if let RouteError::Failed { provider, model, .. } = &e {
                     call.set_target(provider.clone(), model.clone(), None);
                 }
                 return Err(e.into());
@@ -142,9 +142,12 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
                         call.record_output(&delta.content);
                         collector.push(delta);
                         if collector.size() > MAX_ANSWER {
-                            return Err(CallError::MidStream(ProviderError::Protocol(format!(
-                                "the answer passed {MAX_ANSWER} bytes"
-                            ))));
+                            return Err(CallError::MidStream(Failure {
+                                kind: FailureKind::Malformed,
+                                status: None,
+                                message: format!("the answer passed {MAX_ANSWER} bytes"),
+                                retry_after: None,
+                            }));
                         }
                         if collector.finish.is_some() {
                             break;

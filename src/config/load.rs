@@ -105,10 +105,47 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 ));
             }
         }
-        if let Some(proxy) = &provider.proxy
-            && reqwest::Url::parse(proxy).is_err()
-        {
-            return Err((p(&["providers", name, "proxy"]), format!("{proxy:?} is not a URL")));
+        if let Some(proxy) = &provider.proxy {
+            let at = p(&["providers", name, "proxy"]);
+            match reqwest::Url::parse(proxy) {
+                Ok(u) if matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some() => {}
+                // The URL may hold credentials: never echo it whole.
+                _ => {
+                    return Err((
+                        at,
+                        format!(
+                            "{:?} is not an http://, https://, socks5:// or socks5h:// URL with a host",
+                            redact_url(proxy)
+                        ),
+                    ));
+                }
+            }
+        }
+        let t = &provider.timeouts;
+        for (key, value) in [("connect", t.connect), ("read", t.read), ("first_token", t.first_token)] {
+            if value.is_zero() {
+                return Err((
+                    p(&["providers", name, "timeouts", key]),
+                    "must be more than 0: every call would time out".into(),
+                ));
+            }
+        }
+        let r = &provider.retry;
+        if r.attempts == 0 {
+            return Err((p(&["providers", name, "retry", "attempts"]), "must be at least 1 (1 = no retry)".into()));
+        }
+        if r.max_backoff < r.initial_backoff {
+            return Err((
+                p(&["providers", name, "retry", "max_backoff"]),
+                "must not be less than `initial_backoff`".into(),
+            ));
+        }
+        let b = &provider.circuit_breaker;
+        if b.failures > 0 && b.open_for.is_zero() {
+            return Err((
+                p(&["providers", name, "circuit_breaker", "open_for"]),
+                "must be more than 0 (set `failures: 0` to turn the breaker off)".into(),
+            ));
         }
     }
     for (name, model) in &c.models {
@@ -128,6 +165,15 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
             if t.model.is_empty() {
                 return Err((at("model"), "must not be empty".into()));
             }
+            if t.weight == 0 {
+                return Err((at("weight"), "must be at least 1 (remove the target to send it nothing)".into()));
+            }
+        }
+        if model.hedge_after.is_some_and(|h| h.is_zero()) {
+            return Err((
+                p(&["models", name, "hedge_after"]),
+                "must be more than 0 (leave it out for no hedging)".into(),
+            ));
         }
     }
     let mut names = std::collections::HashSet::new();
@@ -160,6 +206,23 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
     }
     Ok(())
+}
+
+/// A URL with its password (and user) replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("REDACTED");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        // Unparsable: keep only what cannot be a secret.
+        Err(_) => match url.rsplit_once('@') {
+            Some((_, host)) => format!("…@{host}"),
+            None => url.to_owned(),
+        },
+    }
 }
 
 /// The public endpoint of a vendor's API.

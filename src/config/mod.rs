@@ -4,5 +4,5 @@
 mod load;
 mod schema;
 
-pub use load::{ConfigError, default_base_url, load_default, load_file, parse};
+pub use load::{ConfigError, default_base_url, load_default, load_file, parse, redact_url};
 pub use schema::*;

@@ -78,9 +78,19 @@ pub struct ProviderConfig {
     pub api_key_env: Option<String>,
     #[serde(default)]
     pub timeouts: ProviderTimeouts,
-    /// An HTTP(S) proxy for this provider's requests.
+    /// A proxy for this provider's requests: `http://`, `https://`,
+    /// `socks5://` or `socks5h://` (the proxy resolves names), with optional
+    /// `user:password@`.
     #[serde(default)]
     pub proxy: Option<String>,
+    /// When the proxy cannot be reached or fails its handshake, connect
+    /// directly instead.
+    #[serde(default)]
+    pub proxy_fallback_direct: bool,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
     #[serde(default = "default_pool")]
     pub pool_max_idle_per_host: usize,
     /// `max_tokens` sent when the caller gives none (Anthropic requires one).
@@ -108,11 +118,54 @@ pub struct ProviderTimeouts {
     /// Longest silence while reading a response, headers or body.
     #[serde(deserialize_with = "duration")]
     pub read: Duration,
+    /// Longest wait from sending the request to its first delta; past it the
+    /// attempt is aborted and counts as a retryable failure.
+    #[serde(deserialize_with = "duration")]
+    pub first_token: Duration,
 }
 
 impl Default for ProviderTimeouts {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(5), read: Duration::from_secs(120) }
+        Self {
+            connect: Duration::from_secs(5),
+            read: Duration::from_secs(120),
+            first_token: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts on one target for retryable failures; 1 means no retry.
+    pub attempts: u32,
+    /// The first backoff's ceiling; each retry doubles it (full jitter).
+    #[serde(deserialize_with = "duration")]
+    pub initial_backoff: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { attempts: 2, initial_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive retryable failures that open a target's circuit; 0 turns
+    /// the breaker off.
+    pub failures: u32,
+    /// How long an open circuit skips its target before one probe is let through.
+    #[serde(deserialize_with = "duration")]
+    pub open_for: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self { failures: 5, open_for: Duration::from_secs(30) }
     }
 }
 
@@ -138,8 +191,27 @@ impl Default for MockConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Tried in order until one answers.
+    /// How the first target of a call is chosen.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// With no first delta by then, the next target is started too; absent:
+    /// no hedging.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub hedge_after: Option<Duration>,
+    /// Tried in order (after the strategy's pick) until one answers.
     pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The targets in the order written.
+    #[default]
+    Ordered,
+    /// Spread by `weight`; the others follow as fallbacks.
+    Weighted,
+    /// Fewest calls in flight first; ties go to the faster first token.
+    LeastBusy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +221,13 @@ pub struct TargetConfig {
     pub provider: String,
     /// The model id sent upstream.
     pub model: String,
+    /// Share of calls under `strategy: weighted`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +284,10 @@ impl Default for TelemetryConfig {
             export_interval: Duration::from_secs(5),
         }
     }
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -30,8 +30,8 @@ pub struct Anthropic {
 }
 
 impl Anthropic {
-    pub fn new(_name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        let endpoint = Endpoint::new(config, "/messages")?;
+    pub fn new(name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
+        let endpoint = Endpoint::new(name, config, "/messages")?;
         let key_header = match &endpoint.api_key {
             Some(key) => {
                 let mut v = HeaderValue::from_str(key).map_err(|_| {
@@ -67,7 +67,7 @@ impl Provider for Anthropic {
         if let Some(key) = &self.key_header {
             request = request.header("x-api-key", key.clone());
         }
-        Endpoint::open(request, Translator::default())
+        e.open(request, Translator::default())
     }
 }
 

@@ -1,7 +1,13 @@
 //! The HTTP side every HTTP provider shares: one pooled client per provider,
 //! the key from the environment, sending a request and typing a refusal.
 
-use std::{sync::Once, time::Duration};
+use std::{
+    sync::{
+        Arc, Once,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use reqwest::{Client, RequestBuilder, Response, header::HeaderMap};
 
@@ -26,39 +32,108 @@ static CRYPTO: Once = Once::new();
 /// What an HTTP provider holds: its pooled client, the endpoint it posts to,
 /// its key and, for telemetry, the server's address.
 pub(crate) struct Endpoint {
+    /// Through the proxy, when there is one.
     pub client: Client,
     pub url: String,
     pub api_key: Option<String>,
     pub server: Option<(String, u16)>,
+    fallback: Option<Arc<Fallback>>,
+}
+
+/// The direct route taken when the proxy fails (`proxy_fallback_direct`).
+struct Fallback {
+    provider: String,
+    direct: Client,
+    /// Set while the proxy is failing, so one incident logs once.
+    failing: AtomicBool,
 }
 
 impl Endpoint {
     /// `path` is appended to the config's `base_url`.
-    pub(crate) fn new(config: &ProviderConfig, path: &str) -> Result<Self, ProviderError> {
+    pub(crate) fn new(name: &str, config: &ProviderConfig, path: &str) -> Result<Self, ProviderError> {
         let base = config.base_url.trim_end_matches('/');
+        let fallback = match (&config.proxy, config.proxy_fallback_direct) {
+            (Some(_), true) => Some(Arc::new(Fallback {
+                provider: name.to_owned(),
+                direct: client(config, Route::Direct)?,
+                failing: AtomicBool::new(false),
+            })),
+            _ => None,
+        };
         Ok(Self {
-            client: client(config)?,
+            client: client(config, config.proxy.as_deref().map_or(Route::Default, Route::Proxy))?,
             url: format!("{base}{path}"),
             api_key: api_key(config)?,
             server: server_of(base),
+            fallback,
         })
     }
 
     /// Sends `request` and streams its SSE answer through `translator`.
+    /// With a proxy and `proxy_fallback_direct`, a request whose connection
+    /// through the proxy fails (refused, failed handshake) is sent again
+    /// directly; an HTTP answer through the proxy is the provider's own.
     pub(crate) fn open<T: Translate>(
+        &self,
         request: RequestBuilder,
         translator: T,
     ) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
+        let fallback = self.fallback.clone();
         async move {
-            let response = send(request).await?;
+            let response = match fallback {
+                None => send(request).await?,
+                Some(fallback) => fallback.send(request).await?,
+            };
             Ok(sse::deltas(response, translator))
         }
         .boxed()
     }
 }
 
+impl Fallback {
+    async fn send(&self, request: RequestBuilder) -> Result<Response, ProviderError> {
+        let (client, request) = request.build_split();
+        let request = request.map_err(|e| ProviderError::Setup(format!("request: {}", e.without_url())))?;
+        let again = request.try_clone();
+        match client.execute(request).await {
+            Ok(response) => {
+                self.failing.store(false, Ordering::Relaxed);
+                check(response).await
+            }
+            Err(e) if e.is_connect() && again.is_some() => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    // The proxy's URL may hold credentials: it stays out.
+                    tracing::warn!(
+                        provider = %self.provider,
+                        error = %error_chain(&e.without_url()),
+                        "proxy unreachable: sending directly until it answers again"
+                    );
+                }
+                crate::telemetry::routing_metrics::PROXY_FALLBACKS
+                    .get_or_create(&crate::telemetry::routing_metrics::ProviderLabels {
+                        provider: self.provider.clone(),
+                    })
+                    .inc();
+                let Some(again) = again else { return Err(ProviderError::Connect("no request to resend".into())) };
+                check(self.direct.execute(again).await.map_err(connect_error)?).await
+            }
+            Err(e) => Err(connect_error(e)),
+        }
+    }
+}
+
+/// How a client reaches the upstream.
+#[derive(Clone, Copy)]
+pub(crate) enum Route<'a> {
+    /// reqwest's default: the `HTTPS_PROXY`-style variables, if set.
+    Default,
+    Proxy(&'a str),
+    /// Never through a proxy (the fallback).
+    Direct,
+}
+
 /// Builds the provider's pooled client from its config.
-pub(crate) fn client(config: &ProviderConfig) -> Result<Client, ProviderError> {
+pub(crate) fn client(config: &ProviderConfig, route: Route<'_>) -> Result<Client, ProviderError> {
     CRYPTO.call_once(|| {
         // Only ring is compiled in; installing twice is harmless and ignored.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -81,9 +156,16 @@ pub(crate) fn client(config: &ProviderConfig) -> Result<Client, ProviderError> {
         // A redirect would carry the key (x-api-key survives a cross-host
         // redirect) and the prompt to another host: never follow one.
         .redirect(reqwest::redirect::Policy::none());
-    if let Some(proxy) = &config.proxy {
-        let proxy = reqwest::Proxy::all(proxy).map_err(|e| ProviderError::Setup(format!("proxy: {e}")))?;
-        builder = builder.proxy(proxy);
+    match route {
+        Route::Proxy(proxy) => {
+            // reqwest's error may quote the URL, credentials and all.
+            let proxy = reqwest::Proxy::all(proxy).map_err(|_| {
+                ProviderError::Setup(format!("proxy {:?} is not usable", crate::config::redact_url(proxy)))
+            })?;
+            builder = builder.proxy(proxy);
+        }
+        Route::Direct => builder = builder.no_proxy(),
+        Route::Default => {}
     }
     builder.build().map_err(|e| ProviderError::Setup(format!("http client: {e}")))
 }
@@ -109,14 +191,21 @@ pub(crate) fn server_of(base_url: &str) -> Option<(String, u16)> {
 /// Sends the request; a non-2xx answer becomes [`ProviderError::Status`]
 /// carrying the provider's own message.
 pub(crate) async fn send(request: RequestBuilder) -> Result<Response, ProviderError> {
-    let response = request.send().await.map_err(|e| {
-        if e.is_timeout() {
-            ProviderError::Connect("timed out".into())
-        } else {
-            // The URL stays out: callers see this message.
-            ProviderError::Connect(error_chain(&e.without_url()))
-        }
-    })?;
+    let response = request.send().await.map_err(connect_error)?;
+    check(response).await
+}
+
+fn connect_error(e: reqwest::Error) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Connect("timed out".into())
+    } else {
+        // The URL stays out: callers' logs and a proxy's credentials.
+        ProviderError::Connect(error_chain(&e.without_url()))
+    }
+}
+
+/// A 2xx response passes; anything else becomes [`ProviderError::Status`].
+async fn check(response: Response) -> Result<Response, ProviderError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -198,12 +287,49 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
             Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(MAX_RETRY_AFTER).min(MAX_RETRY_AFTER),
         );
     }
-    let value = headers.get("retry-after")?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    if let Some(value) = headers.get("retry-after").and_then(|v| v.to_str().ok()).map(str::trim) {
+        if let Ok(secs) = value.parse::<u64>() {
+            return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+        }
+        if let Some(when) = humantime::parse_rfc3339_weak(value).ok().or_else(|| httpdate(value)) {
+            let wait = when.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            return Some(wait.min(MAX_RETRY_AFTER));
+        }
     }
-    let when = humantime::parse_rfc3339_weak(value).ok().or_else(|| httpdate(value))?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+    // OpenAI's own: the longer of the two resets, which is when both fit.
+    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .iter()
+        .filter_map(|name| headers.get(*name)?.to_str().ok().and_then(go_duration))
+        .max()
+        .map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+/// A Go-style duration as OpenAI writes its resets: `1s`, `6m0s`, `20ms`,
+/// `1h2m3.5s`.
+fn go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit..];
+        total += value * scale;
+    }
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// IMF-fixdate, the only HTTP date form servers send today.
@@ -263,5 +389,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after-ms", "1e30".parse().unwrap());
         assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-reset-requests", "1s".parse().unwrap());
+        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(360)));
+        assert_eq!(go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(go_duration("1h2m3.5s"), Some(Duration::from_millis(3_723_500)));
+        assert_eq!(go_duration("soon"), None);
     }
 }

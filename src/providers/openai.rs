@@ -26,8 +26,8 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(_name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        Ok(Self { endpoint: Endpoint::new(config, "/chat/completions")? })
+    pub fn new(name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
+        Ok(Self { endpoint: Endpoint::new(name, config, "/chat/completions")? })
     }
 }
 
@@ -51,7 +51,7 @@ impl Provider for OpenAi {
         if let Some(key) = &e.api_key {
             request = request.bearer_auth(key);
         }
-        Endpoint::open(request, Translator::default())
+        e.open(request, Translator::default())
     }
 }
 

@@ -13,7 +13,12 @@ use std::{
 use futures_util::Stream;
 use tracing::{Span, field::Empty};
 
-use super::Target;
+use super::{
+    Target,
+    failure::{Failure, FailureKind},
+    health::{Health, InFlight},
+    transitioned,
+};
 use crate::{
     chat::{ChatRequest, Delta, Finish},
     providers::{DeltaStream, ProviderError},
@@ -24,6 +29,11 @@ pub struct Attempt {
     span: Span,
     metrics: Arc<Metrics>,
     provider: Arc<str>,
+    model: Arc<str>,
+    health: Arc<Health>,
+    /// The half-open circuit's probe: its verdict (or its absence) is owed.
+    probe: bool,
+    _in_flight: InFlight,
     started: Instant,
     first_token: Option<Duration>,
     deltas: u32,
@@ -31,7 +41,7 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    pub(super) fn start(target: &Target, request: &ChatRequest, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn start(target: &Target, request: &ChatRequest, metrics: Arc<Metrics>, probe: bool) -> Self {
         let system = target.provider.system();
         let (address, port) = target.provider.server().unzip();
         let span = tracing::info_span!(
@@ -59,6 +69,10 @@ impl Attempt {
             span,
             metrics,
             provider: target.provider_name.clone(),
+            model: target.model.clone(),
+            health: target.health.clone(),
+            probe,
+            _in_flight: target.health.enter(),
             started: Instant::now(),
             first_token: None,
             deltas: 0,
@@ -72,6 +86,11 @@ impl Attempt {
 
     pub(super) fn first_token(&mut self, ttft: Duration, first: &Delta) {
         self.first_token = Some(ttft);
+        self.health.record_ttft(ttft);
+        self.probe = false;
+        if let Some(t) = self.health.success() {
+            transitioned(&self.metrics, &self.provider, &self.model, t);
+        }
         if let Some(model) = &first.model {
             self.span.record("gen_ai.response.model", model.as_str());
         }
@@ -95,10 +114,29 @@ impl Attempt {
         self.deltas
     }
 
-    pub(super) fn fail(mut self, error: &ProviderError) {
+    /// The attempt failed before its first delta. The breaker hears of
+    /// retryable failures; a probe that failed otherwise frees its slot.
+    pub(super) fn fail(mut self, failure: &Failure, detail: Option<&ProviderError>) {
         // For the operator: callers get a status, and not every detail.
-        tracing::warn!(provider = &*self.provider, error = %error, "upstream attempt failed");
-        self.end("error", Some(error.label()));
+        match detail {
+            Some(error) => {
+                tracing::warn!(provider = &*self.provider, model = &*self.model, error = %error, "upstream attempt failed")
+            }
+            None => {
+                tracing::warn!(provider = &*self.provider, model = &*self.model, error = %failure, "upstream attempt failed")
+            }
+        }
+        self.health_failure(failure.kind);
+        self.end("error", Some(failure.kind.label()));
+    }
+
+    fn health_failure(&mut self, kind: FailureKind) {
+        if kind.retryable() {
+            if let Some(t) = self.health.failure(tokio::time::Instant::now()) {
+                transitioned(&self.metrics, &self.provider, &self.model, t);
+            }
+            self.probe = false;
+        }
     }
 
     fn finish(&mut self, finish: &Finish) {
@@ -124,7 +162,14 @@ impl Attempt {
             self.span.record("otel.status_code", "ERROR");
         }
         self.metrics.upstream_attempt(&self.provider, outcome);
-        let _ = self.started;
+        if std::mem::take(&mut self.probe) {
+            self.health.probe_abandoned();
+        }
+    }
+
+    /// How long the attempt has run.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 }
 
@@ -159,7 +204,7 @@ impl RoutedStream {
 }
 
 impl Stream for RoutedStream {
-    type Item = Result<Delta, ProviderError>;
+    type Item = Result<Delta, Failure>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -171,24 +216,23 @@ impl Stream for RoutedStream {
             let _ = this.rest.as_mut().poll_next(cx);
             return Poll::Ready(None);
         }
-        let item = ready!(this.rest.as_mut().poll_next(cx));
-        match &item {
+        let error = match ready!(this.rest.as_mut().poll_next(cx)) {
             Some(Ok(delta)) => {
                 this.attempt.deltas += 1;
                 if let Some(finish) = &delta.finish {
                     this.attempt.finish(finish);
                 }
+                return Poll::Ready(Some(Ok(delta)));
             }
-            Some(Err(e)) => this.attempt.end("error", Some(e.label())),
-            None => {
-                // A provider stream that stops without its final delta has
-                // lost the end of the answer: never a silent success.
-                this.attempt.end("error", Some("stream_broken"));
-                return Poll::Ready(Some(Err(ProviderError::Stream(
-                    "upstream stream ended before the answer finished".into(),
-                ))));
-            }
-        }
-        Poll::Ready(item)
+            Some(Err(e)) => e,
+            // A provider stream that stops without its final delta has
+            // lost the end of the answer: never a silent success.
+            None => ProviderError::Stream("upstream stream ended before the answer finished".into()),
+        };
+        let failure = Failure::from(&error);
+        tracing::warn!(provider = &*this.attempt.provider, model = &*this.attempt.model, error = %error, "upstream failed mid-stream");
+        this.attempt.health_failure(failure.kind);
+        this.attempt.end("error", Some(failure.kind.label()));
+        Poll::Ready(Some(Err(failure)))
     }
 }

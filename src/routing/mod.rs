@@ -1,44 +1,57 @@
-//! Between `api/` and `providers/`: which upstream serves a model, and what
-//! happens when one fails. A call is retried on the next target only before
-//! its first delta reaches the caller (the commit point); after that a failure
-//! ends the stream. Breakers, retries and limits slot in here.
+//! Between the call core and `providers/`: which upstream serves a model,
+//! and what happens when one fails. A call is retried, falls back or is
+//! hedged only before its first delta reaches the caller (the commit point);
+//! after that a failure ends the stream. Breakers, cool-downs, strategies and
+//! admission's per-target gate are consulted before every attempt.
 
 mod attempt;
+mod failure;
+mod health;
+mod strategy;
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
-use thiserror::Error;
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use attempt::{Attempt, RoutedStream};
+pub use failure::{Failure, FailureKind, RouteError};
+pub use health::CircuitState;
 
+use self::health::{Admit, Health, Transition};
 use crate::{
+    admission::{Gate, Refusal, Scope},
     chat::{ChatRequest, Delta},
-    config::Config,
+    config::{Config, RetryConfig, Strategy},
     providers::{self, Provider, ProviderError, UpstreamCall},
     telemetry::{self, metrics::Metrics},
 };
+
+/// A 429 with no hint of how long to wait keeps its target out this long.
+const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
 
 /// One provider and upstream model that can serve a model name.
 pub struct Target {
     pub provider_name: Arc<str>,
     pub provider: Arc<dyn Provider>,
     pub model: Arc<str>,
+    pub weight: u32,
+    health: Arc<Health>,
+    retry: RetryConfig,
+    first_token: Duration,
+}
+
+impl Target {
+    pub fn circuit(&self) -> CircuitState {
+        self.health.circuit()
+    }
 }
 
 pub struct Route {
     pub targets: Vec<Target>,
-}
-
-#[derive(Debug, Error)]
-pub enum RouteError {
-    #[error("model {0:?} is not configured")]
-    UnknownModel(String),
-    /// Every target tried failed (a non-retryable failure stops the
-    /// tries); the last failure is kept, it decides the status.
-    #[error("{attempts} target(s) tried, all failed; last: {last}")]
-    Exhausted { attempts: usize, provider: Arc<str>, model: Arc<str>, last: ProviderError },
+    strategy: Strategy,
+    hedge_after: Option<Duration>,
 }
 
 /// Reads until the first delta that carries text, a tool call or the end,
@@ -76,8 +89,55 @@ pub struct Routed {
     pub stream: RoutedStream,
 }
 
+/// A breaker changed state: the gauge, a counter and a span event.
+fn transitioned(metrics: &Metrics, provider: &str, model: &str, (from, to): Transition) {
+    metrics.routing.circuit(provider, model, from.as_str(), to.as_str(), to.gauge());
+    tracing::info!(
+        target: telemetry::SPAN_EVENT,
+        provider,
+        model,
+        from = from.as_str(),
+        to = to.as_str(),
+        "llm_gateway.circuit"
+    );
+    tracing::warn!(provider, model, from = from.as_str(), to = to.as_str(), "circuit breaker changed state");
+}
+
+/// One call's progress through its targets: what is left to try and what
+/// the tries so far have taught.
+struct Plan {
+    order: Vec<usize>,
+    /// Attempts left per target (indexed like `route.targets`).
+    left: Vec<u32>,
+    /// Failed tries per target, for the backoff's exponent.
+    failed: Vec<u32>,
+    in_flight: Vec<bool>,
+    attempts: u32,
+    last: Option<(usize, Failure)>,
+    /// Earliest time a skipped target becomes available again.
+    skipped_open: Option<Option<Instant>>,
+    skipped_cooling: Option<Instant>,
+    refused: Option<Refusal>,
+}
+
+impl Plan {
+    fn note_open(&mut self, until: Option<Instant>) {
+        self.skipped_open = Some(match (self.skipped_open.flatten(), until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        });
+    }
+
+    fn note_cooling(&mut self, until: Instant) {
+        self.skipped_cooling = Some(self.skipped_cooling.map_or(until, |u| u.min(until)));
+    }
+}
+
+type AttemptFuture<'a> = Pin<Box<dyn Future<Output = (usize, Result<Routed, Failure>)> + Send + 'a>>;
+
 impl Router {
     /// Builds every provider of the config and the routes that use them.
+    /// Targets naming the same provider and model share their health.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, (String, ProviderError)> {
         let mut providers: HashMap<&str, Arc<dyn Provider>> = HashMap::new();
         for (name, p) in &config.providers {
@@ -88,20 +148,34 @@ impl Router {
             let built = providers::build(name, &p).map_err(|e| (name.clone(), e))?;
             providers.insert(name.as_str(), built);
         }
+        let mut health: HashMap<(&str, &str), Arc<Health>> = HashMap::new();
         let mut routes = HashMap::new();
         for (name, m) in &config.models {
             let mut targets = Vec::with_capacity(m.targets.len());
             for t in &m.targets {
-                let Some(provider) = providers.get(t.provider.as_str()) else {
+                let (Some(provider), Some(pc)) =
+                    (providers.get(t.provider.as_str()), config.providers.get(&t.provider))
+                else {
                     return Err((t.provider.clone(), ProviderError::Setup("no such provider".into())));
                 };
+                let h = health
+                    .entry((t.provider.as_str(), t.model.as_str()))
+                    .or_insert_with(|| {
+                        metrics.routing.circuit_state(&t.provider, &t.model, CircuitState::Closed.gauge());
+                        Health::new(pc.circuit_breaker.clone())
+                    })
+                    .clone();
                 targets.push(Target {
                     provider_name: t.provider.as_str().into(),
                     provider: provider.clone(),
                     model: t.model.as_str().into(),
+                    weight: t.weight,
+                    health: h,
+                    retry: pc.retry.clone(),
+                    first_token: pc.timeouts.first_token,
                 });
             }
-            routes.insert(name.clone(), Route { targets });
+            routes.insert(name.clone(), Route { targets, strategy: m.strategy, hedge_after: m.hedge_after });
         }
         Ok(Self { routes, metrics })
     }
@@ -114,20 +188,23 @@ impl Router {
         self.routes.iter()
     }
 
-    /// One target: sends the request and waits for its first delta.
+    /// One try on one target: the backoff, then the request, then its first
+    /// delta within `timeouts.first_token`. Dropping it aborts the upstream
+    /// request (its connection is closed).
     async fn attempt(
         &self,
         target: &Target,
         request: &Arc<ChatRequest>,
         trace: &telemetry::TraceContext,
-    ) -> Result<Routed, ProviderError> {
-        let mut attempt = Attempt::start(target, request, self.metrics.clone());
+        probe: bool,
+    ) -> Result<Routed, Failure> {
+        let mut attempt = Attempt::start(target, request, self.metrics.clone(), probe);
         let call = UpstreamCall {
             request: request.clone(),
             model: target.model.to_string(),
             headers: trace.headers_for(attempt.span()),
         };
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let opened = async {
             let mut stream = target.provider.stream(call).await?;
             // The first delta with something in it is the commit point: a
@@ -139,10 +216,9 @@ impl Router {
                 None => Err(ProviderError::Stream("upstream sent an empty stream".into())),
             }
         }
-        .instrument(attempt.span().clone())
-        .await;
-        match opened {
-            Ok((first, stream)) => {
+        .instrument(attempt.span().clone());
+        match tokio::time::timeout(target.first_token, opened).await {
+            Ok(Ok((first, stream))) => {
                 attempt.first_token(started.elapsed(), &first);
                 Ok(Routed {
                     provider: target.provider_name.clone(),
@@ -150,45 +226,249 @@ impl Router {
                     stream: RoutedStream::new(first, stream, attempt),
                 })
             }
-            Err(e) => {
-                attempt.fail(&e);
-                Err(e)
+            Ok(Err(e)) => {
+                let failure = Failure::from(&e);
+                attempt.fail(&failure, Some(&e));
+                Err(failure)
+            }
+            Err(_) => {
+                let failure = Failure::first_token_timeout(target.first_token);
+                attempt.fail(&failure, None);
+                Err(failure)
             }
         }
     }
 
-    /// Opens the call: tries each target in order until one yields its first
-    /// delta. Dropping the returned future aborts the attempt under way.
+    /// Picks the next try: the first target in the plan's order with tries
+    /// left that is not already running, whose circuit and cool-down let it
+    /// through and that admission accepts. `hedge`: a second try beside a
+    /// running one, which never waits (no backoff, no queue).
+    async fn next<'a>(
+        &'a self,
+        route: &'a Route,
+        plan: &mut Plan,
+        request: &'a Arc<ChatRequest>,
+        trace: &'a telemetry::TraceContext,
+        deadline: Option<Instant>,
+        gate: &mut dyn Gate,
+        hedge: bool,
+    ) -> Result<Option<(usize, AttemptFuture<'a>)>, RouteError> {
+        for pos in 0..plan.order.len() {
+            let i = plan.order[pos];
+            if plan.left[i] == 0 || plan.in_flight[i] {
+                continue;
+            }
+            let target = &route.targets[i];
+            let backoff = match plan.failed[i] {
+                0 => Duration::ZERO,
+                n => strategy::backoff(n, target.retry.initial_backoff, target.retry.max_backoff),
+            };
+            if hedge && (!backoff.is_zero() || !gate.has_capacity(&target.provider_name, &target.model)) {
+                continue;
+            }
+            // A backoff that would end past the deadline is never started.
+            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                plan.left[i] = 0;
+                continue;
+            }
+            let (admit, transition) = target.health.admit(Instant::now());
+            if let Some(t) = transition {
+                transitioned(&self.metrics, &target.provider_name, &target.model, t);
+            }
+            let probe = match admit {
+                Admit::Yes => false,
+                Admit::Probe => true,
+                Admit::CircuitOpen(until) => {
+                    plan.left[i] = 0;
+                    plan.note_open(until);
+                    continue;
+                }
+                Admit::CoolingDown(until) => {
+                    plan.left[i] = 0;
+                    plan.note_cooling(until);
+                    continue;
+                }
+            };
+            let reserved = gate.reserve(&target.provider_name, &target.model, deadline.map(Instant::into_std)).await;
+            if let Err(refusal) = reserved {
+                if probe {
+                    target.health.probe_abandoned();
+                }
+                if refusal.scope == Scope::Key {
+                    return Err(RouteError::Refused(refusal));
+                }
+                plan.left[i] = 0;
+                plan.refused = Some(refusal);
+                continue;
+            }
+            plan.left[i] -= 1;
+            plan.in_flight[i] = true;
+            plan.attempts += 1;
+            if plan.failed[i] > 0 {
+                self.metrics.routing.retry(&target.provider_name);
+            }
+            let fut = async move {
+                if !backoff.is_zero() {
+                    tokio::time::sleep(backoff).await;
+                }
+                let started = Instant::now();
+                let result = self.attempt(target, request, trace, probe).await;
+                let outcome = match &result {
+                    Ok(_) => "committed",
+                    Err(f) => f.kind.label(),
+                };
+                tracing::info!(
+                    target: telemetry::SPAN_EVENT,
+                    provider = &*target.provider_name,
+                    model = &*target.model,
+                    outcome,
+                    duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                    backoff_ms = backoff.as_secs_f64() * 1e3,
+                    hedge,
+                    "llm_gateway.attempt"
+                );
+                (i, result)
+            };
+            return Ok(Some((i, Box::pin(fut))));
+        }
+        Ok(None)
+    }
+
+    /// Opens the call: tries targets (the strategy's order, retries with
+    /// backoff, fallback, an optional hedge) until one yields its first
+    /// delta. Dropping the returned future aborts every attempt under way.
+    /// One call makes at most the sum of its targets' `retry.attempts`.
     pub async fn open(
         &self,
         model: &str,
         request: Arc<ChatRequest>,
         trace: &telemetry::TraceContext,
+        deadline: Option<std::time::Instant>,
+        gate: &mut dyn Gate,
     ) -> Result<Routed, RouteError> {
         let route = self.routes.get(model).ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
-        let mut last = None;
-        let mut attempts = 0;
-        for target in &route.targets {
-            attempts += 1;
-            match self.attempt(target, &request, trace).await {
-                Ok(routed) => return Ok(routed),
-                Err(e) => {
-                    let retry = e.retryable();
-                    last = Some((target, e));
-                    if !retry {
+        let deadline = deadline.map(Instant::from_std);
+        let n = route.targets.len();
+        let candidates: Vec<strategy::Candidate> = route
+            .targets
+            .iter()
+            .map(|t| strategy::Candidate {
+                weight: t.weight,
+                in_flight: t.health.in_flight(),
+                ttft_us: t.health.ttft_us(),
+            })
+            .collect();
+        let mut order = strategy::order(route.strategy, &candidates);
+        // Targets that can take the call now go first; the order among each
+        // group stays the strategy's.
+        let now = Instant::now();
+        order.sort_by_key(|&i| {
+            let t = &route.targets[i];
+            !(t.health.available(now) && gate.has_capacity(&t.provider_name, &t.model))
+        });
+        let mut plan = Plan {
+            order,
+            left: route.targets.iter().map(|t| t.retry.attempts).collect(),
+            failed: vec![0; n],
+            in_flight: vec![false; n],
+            attempts: 0,
+            last: None,
+            skipped_open: None,
+            skipped_cooling: None,
+            refused: None,
+        };
+        let mut running: FuturesUnordered<AttemptFuture<'_>> = FuturesUnordered::new();
+        let mut hedge_target = None;
+        loop {
+            if running.is_empty() {
+                match self.next(route, &mut plan, &request, trace, deadline, gate, false).await? {
+                    Some((_, f)) => running.push(f),
+                    None => break,
+                }
+            }
+            let armed = running.len() == 1;
+            let hedge = async {
+                match route.hedge_after {
+                    Some(after) if armed => tokio::time::sleep(after).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            let done = tokio::select! {
+                done = running.next() => done,
+                () = hedge => {
+                    if let Some(f) = self.next(route, &mut plan, &request, trace, deadline, gate, true).await? {
+                        self.metrics.routing.hedge(model, "started");
+                        hedge_target = Some(f.0);
+                        running.push(f.1);
+                    }
+                    continue;
+                }
+            };
+            let Some((i, result)) = done else { continue };
+            plan.in_flight[i] = false;
+            let target = &route.targets[i];
+            match result {
+                Ok(routed) => {
+                    if hedge_target == Some(i) {
+                        self.metrics.routing.hedge(model, "won");
+                    }
+                    // The losers are dropped (aborted) with `running`.
+                    for (j, busy) in plan.in_flight.iter().enumerate() {
+                        if *busy {
+                            let t = &route.targets[j];
+                            gate.release(&t.provider_name, &t.model);
+                        }
+                    }
+                    return Ok(routed);
+                }
+                Err(failure) => {
+                    gate.release(&target.provider_name, &target.model);
+                    let kind = failure.kind;
+                    if kind == FailureKind::RateLimited {
+                        let wait = failure.retry_after.unwrap_or(DEFAULT_COOL_DOWN);
+                        target.health.cool_down(Instant::now() + wait);
+                        self.metrics.routing.cool_down(&target.provider_name, &target.model);
+                    }
+                    if kind.retryable() {
+                        plan.failed[i] += 1;
+                    } else {
+                        plan.left[i] = 0;
+                    }
+                    plan.last = Some((i, failure));
+                    if !kind.falls_back() {
                         break;
                     }
                 }
             }
         }
-        match last {
-            Some((target, last)) => Err(RouteError::Exhausted {
-                attempts,
-                provider: target.provider_name.clone(),
-                model: target.model.clone(),
-                last,
-            }),
-            None => Err(RouteError::UnknownModel(model.to_owned())),
+        Err(self.exhausted(route, plan))
+    }
+
+    /// Why nothing could be opened, from what the plan saw.
+    fn exhausted(&self, route: &Route, plan: Plan) -> RouteError {
+        let until = |at: Option<Instant>| at.map(|a| a.saturating_duration_since(Instant::now()));
+        if let Some((i, failure)) = plan.last {
+            let t = &route.targets[i];
+            return RouteError::Failed {
+                attempts: plan.attempts,
+                provider: t.provider_name.clone(),
+                model: t.model.clone(),
+                failure,
+            };
+        }
+        if let Some(refusal) = plan.refused {
+            return RouteError::Refused(refusal);
+        }
+        match (plan.skipped_open, plan.skipped_cooling) {
+            (Some(open), None) => RouteError::CircuitOpen { retry_after: until(open) },
+            (open, cooling) => {
+                let at = match (open.flatten(), cooling) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                RouteError::CoolingDown { retry_after: until(at) }
+            }
         }
     }
 }
+

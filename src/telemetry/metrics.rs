@@ -84,6 +84,7 @@ pub struct Metrics {
     in_flight: Gauge<i64, AtomicI64>,
     cancelled: Family<ModelLabels, Counter>,
     dropped_spans: Counter,
+    pub routing: super::routing_metrics::RoutingMetrics,
 }
 
 impl Default for Metrics {
@@ -144,8 +145,10 @@ impl Metrics {
             "Spans dropped because the export queue was full",
             dropped_spans.clone(),
         );
+        let routing = super::routing_metrics::RoutingMetrics::register(&mut registry);
         Self {
             registry,
+            routing,
             calls,
             duration,
             ttft,

@@ -5,6 +5,7 @@
 mod export;
 mod init;
 pub mod metrics;
+pub mod routing_metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

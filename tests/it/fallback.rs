@@ -45,7 +45,9 @@ async fn a_failing_first_target_falls_back_to_the_next() {
     assert_eq!(got.text(), "from the second");
     assert_eq!(got.messages[0].provider, "an");
     let paths: Vec<String> = up.requests().iter().map(|r| r.path.clone()).collect();
-    assert_eq!(paths, ["/v1/chat/completions", "/v1/messages", "/v1/chat/completions", "/v1/messages"]);
+    // A 503 is retried once on its target (retry.attempts defaults to 2), then falls back.
+    let (oa, an) = ("/v1/chat/completions", "/v1/messages");
+    assert_eq!(paths, [oa, oa, an, oa, oa, an]);
 }
 
 #[tokio::test]
