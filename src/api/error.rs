@@ -77,7 +77,9 @@ impl CallError {
             CallError::Route(RouteError::Failed { failure, .. }) if failure.kind == FailureKind::Rejected => {
                 "UPSTREAM_REJECTED"
             }
-            CallError::Route(RouteError::Failed { .. } | RouteError::CoolingDown { .. }) => "UPSTREAM_UNAVAILABLE",
+            CallError::Route(RouteError::Failed { .. } | RouteError::CoolingDown { .. }) => {
+                "UPSTREAM_UNAVAILABLE"
+            }
             CallError::Route(RouteError::CircuitOpen { .. }) => "CIRCUIT_OPEN",
             CallError::Route(RouteError::Refused(r)) => r.reason.as_str(),
             CallError::MidStream(_) => "UPSTREAM_FAILED_MIDSTREAM",
@@ -202,7 +204,8 @@ mod tests {
     #[test]
     fn circuit_open_carries_retry_info_and_trailer() {
         let status =
-            CallError::Route(RouteError::CircuitOpen { retry_after: Some(Duration::from_millis(1500)) }).to_status();
+            CallError::Route(RouteError::CircuitOpen { retry_after: Some(Duration::from_millis(1500)) })
+                .to_status();
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.metadata().get("retry-after-ms").unwrap(), "1500");
         let details = status.get_error_details();

@@ -81,16 +81,17 @@ impl Gateway {
             call.record_prompt(&request);
         }
         let mut gate = crate::admission::Open;
-        let routed = match self.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut gate).await {
-            Ok(r) => r,
-            Err(e) => {
-                // The caller learns which target failed last.
-                if let RouteError::Failed { provider, model, .. } = &e {
-                    call.set_target(provider.clone(), model.clone(), None);
+        let routed =
+            match self.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut gate).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // The caller learns which target failed last.
+                    if let RouteError::Failed { provider, model, .. } = &e {
+                        call.set_target(provider.clone(), model.clone(), None);
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
-        };
+            };
         call.set_target(routed.provider.clone(), routed.model.clone(), routed.stream.attempt().ttft());
         Ok(routed)
     }

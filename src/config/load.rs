@@ -108,7 +108,9 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
         if let Some(proxy) = &provider.proxy {
             let at = p(&["providers", name, "proxy"]);
             match reqwest::Url::parse(proxy) {
-                Ok(u) if matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some() => {}
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h")
+                        && u.host().is_some() => {}
                 // The URL may hold credentials: never echo it whole.
                 _ => {
                     return Err((
@@ -132,7 +134,10 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
         }
         let r = &provider.retry;
         if r.attempts == 0 {
-            return Err((p(&["providers", name, "retry", "attempts"]), "must be at least 1 (1 = no retry)".into()));
+            return Err((
+                p(&["providers", name, "retry", "attempts"]),
+                "must be at least 1 (1 = no retry)".into(),
+            ));
         }
         if r.max_backoff < r.initial_backoff {
             return Err((
@@ -166,7 +171,10 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 return Err((at("model"), "must not be empty".into()));
             }
             if t.weight == 0 {
-                return Err((at("weight"), "must be at least 1 (remove the target to send it nothing)".into()));
+                return Err((
+                    at("weight"),
+                    "must be at least 1 (remove the target to send it nothing)".into(),
+                ));
             }
         }
         if model.hedge_after.is_some_and(|h| h.is_zero()) {

@@ -114,7 +114,9 @@ impl Fallback {
                         provider: self.provider.clone(),
                     })
                     .inc();
-                let Some(again) = again else { return Err(ProviderError::Connect("no request to resend".into())) };
+                let Some(again) = again else {
+                    return Err(ProviderError::Connect("no request to resend".into()));
+                };
                 check(self.direct.execute(again).await.map_err(connect_error)?).await
             }
             Err(e) => Err(connect_error(e)),

@@ -115,14 +115,20 @@ impl From<&ProviderError> for Failure {
                     // The caller's request was at fault: the provider's words help.
                     FailureKind::Rejected => message.clone(),
                     FailureKind::Unauthorized => {
-                        format!("the upstream refused the gateway's credentials (HTTP {status}); see the gateway's log")
+                        format!(
+                            "the upstream refused the gateway's credentials (HTTP {status}); see the gateway's log"
+                        )
                     }
-                    FailureKind::RateLimited => "the upstream is rate-limiting the gateway (HTTP 429)".to_owned(),
+                    FailureKind::RateLimited => {
+                        "the upstream is rate-limiting the gateway (HTTP 429)".to_owned()
+                    }
                     _ => format!("the upstream answered HTTP {status}"),
                 };
                 (kind, Some(status), message)
             }
-            ProviderError::Stream(m) => (FailureKind::Broken, None, format!("the upstream stream broke: {m}")),
+            ProviderError::Stream(m) => {
+                (FailureKind::Broken, None, format!("the upstream stream broke: {m}"))
+            }
             ProviderError::Protocol(_) => {
                 (FailureKind::Malformed, None, "the upstream sent malformed data".to_owned())
             }

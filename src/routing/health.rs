@@ -43,10 +43,16 @@ impl CircuitState {
 
 #[derive(Debug)]
 enum Breaker {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// `probing`: the one probe call is under way; others are skipped.
-    HalfOpen { probing: bool },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 /// Whether a target may take an attempt now.

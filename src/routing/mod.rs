@@ -133,6 +133,14 @@ impl Plan {
     }
 }
 
+/// What every attempt of one call shares.
+#[derive(Clone, Copy)]
+struct CallParts<'a> {
+    request: &'a Arc<ChatRequest>,
+    trace: &'a telemetry::TraceContext,
+    deadline: Option<Instant>,
+}
+
 type AttemptFuture<'a> = Pin<Box<dyn Future<Output = (usize, Result<Routed, Failure>)> + Send + 'a>>;
 
 impl Router {
@@ -247,12 +255,11 @@ impl Router {
         &'a self,
         route: &'a Route,
         plan: &mut Plan,
-        request: &'a Arc<ChatRequest>,
-        trace: &'a telemetry::TraceContext,
-        deadline: Option<Instant>,
+        call: &CallParts<'a>,
         gate: &mut dyn Gate,
         hedge: bool,
     ) -> Result<Option<(usize, AttemptFuture<'a>)>, RouteError> {
+        let CallParts { request, trace, deadline } = *call;
         for pos in 0..plan.order.len() {
             let i = plan.order[pos];
             if plan.left[i] == 0 || plan.in_flight[i] {
@@ -289,7 +296,8 @@ impl Router {
                     continue;
                 }
             };
-            let reserved = gate.reserve(&target.provider_name, &target.model, deadline.map(Instant::into_std)).await;
+            let reserved =
+                gate.reserve(&target.provider_name, &target.model, deadline.map(Instant::into_std)).await;
             if let Err(refusal) = reserved {
                 if probe {
                     target.health.probe_abandoned();
@@ -377,11 +385,12 @@ impl Router {
             skipped_cooling: None,
             refused: None,
         };
+        let parts = CallParts { request: &request, trace, deadline };
         let mut running: FuturesUnordered<AttemptFuture<'_>> = FuturesUnordered::new();
         let mut hedge_target = None;
         loop {
             if running.is_empty() {
-                match self.next(route, &mut plan, &request, trace, deadline, gate, false).await? {
+                match self.next(route, &mut plan, &parts, gate, false).await? {
                     Some((_, f)) => running.push(f),
                     None => break,
                 }
@@ -396,7 +405,7 @@ impl Router {
             let done = tokio::select! {
                 done = running.next() => done,
                 () = hedge => {
-                    if let Some(f) = self.next(route, &mut plan, &request, trace, deadline, gate, true).await? {
+                    if let Some(f) = self.next(route, &mut plan, &parts, gate, true).await? {
                         self.metrics.routing.hedge(model, "started");
                         hedge_target = Some(f.0);
                         running.push(f.1);
@@ -471,4 +480,3 @@ impl Router {
         }
     }
 }
-

@@ -65,8 +65,16 @@ impl RoutingMetrics {
             "Circuit breaker state changes per target",
             m.transitions.clone(),
         );
-        registry.register("llm_gateway_retries", "Retries of a target after a failed attempt", m.retries.clone());
-        registry.register("llm_gateway_hedges", "Hedged attempts started, and those that won", m.hedges.clone());
+        registry.register(
+            "llm_gateway_retries",
+            "Retries of a target after a failed attempt",
+            m.retries.clone(),
+        );
+        registry.register(
+            "llm_gateway_hedges",
+            "Hedged attempts started, and those that won",
+            m.hedges.clone(),
+        );
         registry.register(
             "llm_gateway_target_cooldowns",
             "Targets taken out of rotation after an upstream 429",
@@ -93,7 +101,12 @@ impl RoutingMetrics {
     pub fn circuit(&self, provider: &str, model: &str, from: &'static str, to: &'static str, gauge: i64) {
         self.circuit_state(provider, model, gauge);
         self.transitions
-            .get_or_create(&TransitionLabels { provider: provider.to_owned(), model: model.to_owned(), from, to })
+            .get_or_create(&TransitionLabels {
+                provider: provider.to_owned(),
+                model: model.to_owned(),
+                from,
+                to,
+            })
             .inc();
     }
 

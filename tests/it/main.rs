@@ -3,6 +3,7 @@
 #![expect(clippy::expect_used, clippy::panic, reason = "tests fail loudly")]
 
 mod harness;
+mod socks;
 mod upstream;
 mod wire;
 
@@ -14,6 +15,7 @@ mod errors;
 mod fallback;
 mod headers;
 mod metrics;
+mod routing;
 mod service;
 mod shutdown;
 mod sse;
