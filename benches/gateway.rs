@@ -316,6 +316,21 @@ async fn run(
                 let run = phases::pair(label, &gateway, openai.clone(), "mock", 1, calls, plan.run_limit);
                 report.latency.push(run.await?);
             }
+            // Issue #11: the first target down hard, its circuit closed (every
+            // call pays a failed try) and open (skipped). Compare the open
+            // rows' added time with the healthy single-target row above.
+            if let Some(&(1, calls)) = plan.latency.first() {
+                for (label, model) in [
+                    ("first target refused, circuit closed", "down-refused"),
+                    ("first target refused, circuit open", "down-refused-open"),
+                    ("first target 503, circuit closed", "down-503"),
+                    ("first target 503, circuit open", "down-503-open"),
+                ] {
+                    progress(&format!("time to first token, {label}, c=1"));
+                    let run = phases::pair(label, &gateway, openai.clone(), model, 1, calls, plan.run_limit);
+                    report.latency.push(run.await?);
+                }
+            }
             let (concurrency, calls) = plan.anthropic;
             progress(&format!("time to first token, anthropic, c={concurrency}"));
             let direct = Arc::new(Target::direct(upstream.addr, Wire::Anthropic, "fast")?);

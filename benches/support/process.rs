@@ -57,12 +57,20 @@ providers:
   up: {{kind: openai, base_url: \"http://{upstream}/v1\"}}
   an: {{kind: anthropic, base_url: \"http://{upstream}/v1\"}}
   mk: {{kind: mock}}
+  dead: {{kind: openai, base_url: \"http://127.0.0.1:1/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 0}}}}
+  dead-cb: {{kind: openai, base_url: \"http://127.0.0.1:1/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 1, open_for: 1h}}}}
+  up503: {{kind: openai, base_url: \"http://{upstream}/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 0}}}}
+  up503-cb: {{kind: openai, base_url: \"http://{upstream}/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 1, open_for: 1h}}}}
 models:
   fast: {{targets: [{{provider: up, model: fast}}]}}
   burst: {{targets: [{{provider: up, model: burst}}]}}
   slow: {{targets: [{{provider: up, model: slow}}]}}
   an-fast: {{targets: [{{provider: an, model: fast}}]}}
   mock: {{targets: [{{provider: mk, model: \"lorem?tokens=20\"}}]}}
+  down-refused: {{targets: [{{provider: dead, model: x}}, {{provider: up, model: fast}}]}}
+  down-refused-open: {{targets: [{{provider: dead-cb, model: x}}, {{provider: up, model: fast}}]}}
+  down-503: {{targets: [{{provider: up503, model: fail503}}, {{provider: up, model: fast}}]}}
+  down-503-open: {{targets: [{{provider: up503-cb, model: fail503}}, {{provider: up, model: fast}}]}}
 "
     )
 }

@@ -211,6 +211,8 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             };
             SseBody::stream(script.chunks.clone(), Some(hold), false)
         }
+        // A target that is down hard (the routing scenario).
+        "fail503" => return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "down")),
         _ => return Ok(error(StatusCode::NOT_FOUND, "no such model")),
     };
     let mut response = Response::new(body.counted(shared.stats.clone()));
