@@ -133,6 +133,46 @@ impl Plan {
     }
 }
 
+/// One attempt's record on the call's span, written however it ends: a
+/// hedge's loser or an attempt cut by the caller is "aborted".
+struct AttemptEvent<'a> {
+    target: &'a Target,
+    call_span: tracing::Span,
+    backoff: Duration,
+    hedge: bool,
+    started: Instant,
+    outcome: &'static str,
+}
+
+impl<'a> AttemptEvent<'a> {
+    fn new(target: &'a Target, backoff: Duration, hedge: bool) -> Self {
+        Self {
+            target,
+            call_span: tracing::Span::current(),
+            backoff,
+            hedge,
+            started: Instant::now(),
+            outcome: "aborted",
+        }
+    }
+}
+
+impl Drop for AttemptEvent<'_> {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: telemetry::SPAN_EVENT,
+            parent: &self.call_span,
+            provider = &*self.target.provider_name,
+            model = &*self.target.model,
+            outcome = self.outcome,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            backoff_ms = self.backoff.as_secs_f64() * 1e3,
+            hedge = self.hedge,
+            "llm_gateway.attempt"
+        );
+    }
+}
+
 /// What every attempt of one call shares.
 #[derive(Clone, Copy)]
 struct CallParts<'a> {
@@ -316,25 +356,16 @@ impl Router {
                 self.metrics.routing.retry(&target.provider_name);
             }
             let fut = async move {
+                let mut event = AttemptEvent::new(target, backoff, hedge);
                 if !backoff.is_zero() {
                     tokio::time::sleep(backoff).await;
                 }
-                let started = Instant::now();
+                event.started = Instant::now();
                 let result = self.attempt(target, request, trace, probe).await;
-                let outcome = match &result {
+                event.outcome = match &result {
                     Ok(_) => "committed",
                     Err(f) => f.kind.label(),
                 };
-                tracing::info!(
-                    target: telemetry::SPAN_EVENT,
-                    provider = &*target.provider_name,
-                    model = &*target.model,
-                    outcome,
-                    duration_ms = started.elapsed().as_secs_f64() * 1e3,
-                    backoff_ms = backoff.as_secs_f64() * 1e3,
-                    hedge,
-                    "llm_gateway.attempt"
-                );
                 (i, result)
             };
             return Ok(Some((i, Box::pin(fut))));

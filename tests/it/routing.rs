@@ -5,13 +5,14 @@
 
 use std::time::Duration;
 
+use llm_gateway::api::pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::{
     harness::{
-        CLOSE_BOUND, Gateway, KEY_ENV, WAIT, completion_request, eventually, http, md, stream_call,
-        stream_request, within,
+        Binary, CLOSE_BOUND, Gateway, KEY_ENV, WAIT, check_config, completion_request, connect, eventually,
+        http, md, stream_call, stream_request, within,
     },
     socks::Socks,
     upstream::{Reply, Step, Upstream, refused_url},
@@ -452,4 +453,38 @@ async fn an_http_error_through_a_working_proxy_is_the_providers_answer() {
     assert_eq!(s.code(), Code::Unavailable);
     assert_eq!(up.requests().len(), 1, "not sent again directly");
     assert_eq!(socks.connects().len(), 1);
+}
+
+#[tokio::test]
+async fn proxy_credentials_never_reach_logs_or_errors() {
+    let up = ok_upstream("mp", "direct").await;
+    let down = refused_url().await.replace("http://", "socks5://user:pw-secret-1@").replace("/v1", "");
+    let no_fallback = proxied(&down, false, &up);
+    let mut gw = Binary::start(&no_fallback, &[("RUST_LOG", "debug")]).await;
+    let mut client = pb::llm_gateway_client::LlmGatewayClient::new(connect(gw.grpc).await);
+    let s = within(WAIT, "Completion", client.completion(completion_request("px", "hi")))
+        .await
+        .expect_err("the proxy is down");
+    assert!(!s.message().contains("pw-secret"), "{}", s.message());
+    let mut with_fallback = Binary::start(&proxied(&down, true, &up), &[("RUST_LOG", "debug")]).await;
+    let mut client = pb::llm_gateway_client::LlmGatewayClient::new(connect(with_fallback.grpc).await);
+    within(WAIT, "Completion", client.completion(completion_request("px", "hi"))).await.expect("direct");
+    for proc in [&mut gw.proc, &mut with_fallback.proc] {
+        proc.signal("TERM");
+        within(WAIT, "exit", proc.exit()).await;
+        let all = format!("{}{}", proc.stdout_text(), proc.stderr_text());
+        assert!(all.contains("upstream attempt failed") || all.contains("proxy unreachable"), "{all}");
+        assert!(!all.contains("pw-secret"), "a proxy password was logged:\n{all}");
+    }
+
+    // A config error quotes the URL redacted.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bad.yaml");
+    let bad = no_fallback.replace("socks5://", "ftp://");
+    std::fs::write(&path, bad).expect("write");
+    let (status, out, err) = check_config(&path).await;
+    assert!(!status.success());
+    let shown = format!("{out}{err}");
+    assert!(shown.contains("providers.p.proxy"), "{shown}");
+    assert!(!shown.contains("pw-secret"), "{shown}");
 }

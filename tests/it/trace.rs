@@ -268,3 +268,49 @@ async fn a_collector_that_is_down_does_not_fail_calls() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test]
+async fn a_hedged_call_exports_both_attempts_and_its_attempt_events() {
+    let collector = Collector::start().await;
+    let slow = Upstream::start(Reply::sse(vec![Step::Hang])).await;
+    let fast = Upstream::start(Reply::events(&openai::answer("c2", "fast-m", &["ok"], "stop", 1, 1))).await;
+    let yaml = format!(
+        "\
+providers:
+  slow:
+    kind: openai
+    base_url: {}
+    retry: {{ attempts: 1 }}
+  fast:
+    kind: openai
+    base_url: {}
+models:
+  chat:
+    hedge_after: 50ms
+    targets: [{{ provider: slow, model: slow-m }}, {{ provider: fast, model: fast-m }}]
+",
+        slow.base_url(),
+        fast.base_url()
+    );
+    let endpoint = collector.endpoint();
+    let gw = Binary::start(
+        &yaml,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    )
+    .await;
+    let mut client = pb::llm_gateway_client::LlmGatewayClient::new(connect(gw.grpc).await);
+    let answer = stream_call(&mut client, traced(stream_request("chat", "hi"))).await;
+    answer.end.as_ref().expect("the hedge answers");
+    assert_eq!(answer.text(), "ok");
+
+    let server =
+        collector.span("the server span", |s| s.name == "llmgateway.v1.LlmGateway/StreamCompletion").await;
+    let loser = collector.span("the slow attempt", |s| s.name == "chat slow-m").await;
+    let winner = collector.span("the hedged attempt", |s| s.name == "chat fast-m").await;
+    assert_eq!(loser.parent_span_id, server.span_id);
+    assert_eq!(winner.parent_span_id, server.span_id);
+    assert_eq!(attr_str(&loser, "error.type"), "cancelled", "the loser was aborted");
+    assert!(attr(&winner, "error.type").is_none());
+    let attempts: Vec<_> = server.events.iter().filter(|e| e.name == "llm_gateway.attempt").collect();
+    assert_eq!(attempts.len(), 2, "one event per attempt: {:?}", server.events);
+}
