@@ -1,121 +1,95 @@
-//! Every way a call can fail, and the one place where each becomes a gRPC
-//! status (CONTRACT.md section 2).
+//! The one place where a call's error becomes a gRPC status (CONTRACT.md
+//! section 2), and how the gRPC front door names its statuses in the call's
+//! record.
 
-use std::time::Duration;
+use tonic::{Code, Status, metadata::MetadataMap};
 
-use thiserror::Error;
-use tonic::{Code, Status};
+use super::metadata;
+use crate::core::{Call, CallError, Door, Outcome, Reason};
 
-use crate::{providers::ProviderError, routing::RouteError};
+/// The gRPC front door, for the call core's record: the status code's name
+/// as the `code` label, its number as `rpc.grpc.status_code`.
+pub static GRPC: Door = Door {
+    name: "grpc",
+    status_field: "rpc.grpc.status_code",
+    ok: outcome(Code::Ok),
+    cancelled: outcome(Code::Cancelled),
+};
 
-#[derive(Debug, Error)]
-pub enum CallError {
-    /// Bad input; `field` is the request field at fault.
-    #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
-    #[error("model {0:?} is not configured")]
-    ModelNotFound(String),
-    #[error("{0}")]
-    Unauthenticated(&'static str),
-    #[error("key {key:?} may not use model {model:?}")]
-    PermissionDenied { key: String, model: String },
-    #[error("the call's deadline passed")]
-    DeadlineExceeded,
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
-    #[error(transparent)]
-    Route(#[from] RouteError),
-    /// The upstream failed after deltas were sent: the stream cannot be retried.
-    #[error("upstream failed mid-stream: {0}")]
-    MidStream(ProviderError),
+pub fn code(error: &CallError) -> Code {
+    match error.reason() {
+        Reason::InvalidRequest | Reason::UpstreamRejected => Code::InvalidArgument,
+        Reason::ModelNotFound => Code::NotFound,
+        Reason::Unauthenticated => Code::Unauthenticated,
+        Reason::ModelNotAllowed => Code::PermissionDenied,
+        Reason::RateLimited | Reason::ConcurrencyLimited | Reason::QueueTimeout | Reason::BudgetExhausted => {
+            Code::ResourceExhausted
+        }
+        Reason::DeadlineExceeded => Code::DeadlineExceeded,
+        Reason::UpstreamUnavailable
+        | Reason::CircuitOpen
+        | Reason::UpstreamFailedMidstream
+        | Reason::ShuttingDown
+        | Reason::LimiterUnavailable => Code::Unavailable,
+    }
 }
 
-impl CallError {
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        CallError::InvalidArgument { field: field.into(), message: message.into() }
+/// The status sent to the caller, with `retry-after-ms` when known.
+pub fn to_status(error: &CallError) -> Status {
+    let mut status = Status::new(code(error), error.message());
+    if let Some(after) = error.retry_after()
+        && let Ok(v) = after.as_millis().to_string().parse()
+    {
+        status.metadata_mut().insert("retry-after-ms", v);
     }
+    status
+}
 
-    pub fn code(&self) -> Code {
-        match self {
-            CallError::InvalidArgument { .. } => Code::InvalidArgument,
-            CallError::ModelNotFound(_) => Code::NotFound,
-            CallError::Unauthenticated(_) => Code::Unauthenticated,
-            CallError::PermissionDenied { .. } => Code::PermissionDenied,
-            CallError::DeadlineExceeded => Code::DeadlineExceeded,
-            CallError::ShuttingDown => Code::Unavailable,
-            CallError::Route(RouteError::UnknownModel(_)) => Code::NotFound,
-            CallError::Route(RouteError::Exhausted { last, .. }) if last.is_invalid_request() => {
-                Code::InvalidArgument
-            }
-            CallError::Route(RouteError::Exhausted { .. }) | CallError::MidStream(_) => Code::Unavailable,
-        }
-    }
+/// The status for `error`, recorded on the call, with the call's headers.
+pub fn call_status(call: &mut Call, error: CallError) -> Status {
+    let mut status = to_status(&error);
+    call.failed(&error, outcome(status.code()));
+    metadata::headers(call, status.metadata_mut());
+    status
+}
 
-    /// A low-cardinality label for metrics and `error.type`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CallError::InvalidArgument { .. } => "invalid_argument",
-            CallError::ModelNotFound(_) | CallError::Route(RouteError::UnknownModel(_)) => "model_not_found",
-            CallError::Unauthenticated(_) => "unauthenticated",
-            CallError::PermissionDenied { .. } => "permission_denied",
-            CallError::DeadlineExceeded => "deadline_exceeded",
-            CallError::ShuttingDown => "shutting_down",
-            CallError::Route(RouteError::Exhausted { last, .. }) => last.label(),
-            CallError::MidStream(e) => e.label(),
-        }
-    }
+/// The response headers of a call that goes ahead.
+pub fn response_headers(call: &Call) -> MetadataMap {
+    let mut md = MetadataMap::new();
+    metadata::headers(call, &mut md);
+    md
+}
 
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            CallError::Route(RouteError::Exhausted { last, .. }) => last.retry_after(),
-            _ => None,
-        }
-    }
+const fn outcome(code: Code) -> Outcome {
+    Outcome { code: code_name(code), number: code as i64 }
+}
 
-    fn message(&self) -> String {
-        match self {
-            CallError::Route(RouteError::Exhausted { provider, last, .. }) if last.is_invalid_request() => {
-                let message = match last {
-                    ProviderError::Status { message, .. } | ProviderError::Upstream { message, .. } => {
-                        message.as_str()
-                    }
-                    _ => "",
-                };
-                format!("provider {provider:?} rejected the request: {message}")
-            }
-            CallError::Route(RouteError::Exhausted {
-                attempts,
-                provider,
-                last: ProviderError::Status { status: status @ (401 | 403), .. },
-                ..
-            }) => {
-                // The provider's own message can quote the gateway's key.
-                format!(
-                    "{attempts} target(s) tried, all failed; last, provider {provider:?} refused the gateway's credentials (HTTP {status}); see the gateway's log"
-                )
-            }
-            CallError::Route(RouteError::Exhausted { attempts, provider, last, .. }) => {
-                format!("{attempts} target(s) tried, all failed; last, provider {provider:?}: {last}")
-            }
-            other => other.to_string(),
-        }
-    }
-
-    /// The status sent to the caller, with `retry-after-ms` when known.
-    pub fn to_status(&self) -> Status {
-        let mut status = Status::new(self.code(), self.message());
-        if let Some(after) = self.retry_after()
-            && let Ok(v) = after.as_millis().to_string().parse()
-        {
-            status.metadata_mut().insert("retry-after-ms", v);
-        }
-        status
+pub const fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{providers::ProviderError, routing::RouteError};
 
     #[test]
     fn a_refused_key_is_not_echoed_to_callers() {
@@ -129,7 +103,7 @@ mod tests {
                 retry_after: None,
             },
         });
-        let status = e.to_status();
+        let status = to_status(&e);
         assert_eq!(status.code(), Code::Unavailable);
         assert!(!status.message().contains("sk-"), "{}", status.message());
     }
