@@ -3,12 +3,15 @@
 //! 1. `server` — TCP accept, HTTP/2 (TCP_NODELAY, stream limits), draining.
 //! 2. tonic routes — `grpc.health.v1.Health`, reflection v1 and v1alpha, and
 //!    `llmgateway.v1.LlmGateway`.
-//! 3. `api` — request id, trace context, deadline, auth (`authorization`),
-//!    validation, status mapping, the response stream; reads the config's
-//!    keys and timeouts.
-//! 4. `routing` — model name to targets, tried in order before the first
+//! 3. `api` — the gRPC front door: proto to chat types and back, metadata
+//!    to plain values, the call core's errors to gRPC statuses.
+//! 4. `core` — the protocol-neutral call: request id, trace context and
+//!    server span, deadline, auth (`authorization`), validation, the
+//!    committed response stream, metrics and the log line; reads the
+//!    config's keys and timeouts.
+//! 5. `routing` — model name to targets, tried in order before the first
 //!    delta; one client span and attempt metrics per upstream attempt.
-//! 5. `providers` — one wire format each, HTTP/SSE to the upstream.
+//! 6. `providers` — one wire format each, HTTP/SSE to the upstream.
 //!
 //! Beside them: `admin` (healthz, readyz, metrics) and `telemetry`.
 
@@ -24,8 +27,9 @@ use tonic_health::ServingStatus;
 
 use crate::{
     admin::{self, AdminState},
-    api::{Gateway, GatewayService, Keys, pb},
+    api::{GatewayService, pb},
     config::Config,
+    core::{Core, Keys},
     providers::ProviderError,
     routing::Router,
     server,
@@ -93,7 +97,7 @@ pub async fn run(
     // Counts the gateway's calls in flight, so the drain knows when the
     // cancelled ones have ended.
     let calls = TaskTracker::new();
-    let gateway = Arc::new(Gateway {
+    let core = Arc::new(Core {
         router,
         keys: Keys::new(&config.api_keys),
         metrics: metrics.clone(),
@@ -118,7 +122,7 @@ pub async fn run(
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(gateway)));
+        .add_service(pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(core)));
 
     let admin_state = Arc::new(AdminState { ready: false.into(), metrics: metrics.clone() });
     let admin_stop = CancellationToken::new();

@@ -1,4 +1,4 @@
-//! The gateway's own chat types: what `api/` turns a gRPC request into and what
+//! The gateway's own chat types: what the front doors turn a request into and what
 //! `providers/` translate to and from each wire format. Nothing here knows gRPC.
 
 use std::time::Duration;
@@ -72,7 +72,7 @@ pub struct ToolCall {
 pub struct Tool {
     pub name: String,
     pub description: String,
-    /// The JSON Schema of the arguments, already parsed and checked by `api/`.
+    /// The JSON Schema of the arguments, already parsed and checked by the front door.
     pub parameters: serde_json::Value,
 }
 

@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 pub mod chat;
 pub mod config;
+pub mod core;
 pub mod providers;
 pub mod routing;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/healthz` (the process is live), `/readyz`
 //! (ready for calls; 503 while starting or draining) and `/metrics`
-//! (Prometheus). It reads shared state and never calls `api/`.
+//! (Prometheus). It reads shared state and never calls a front door.
 
 use std::sync::{
     Arc,

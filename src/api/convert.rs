@@ -1,20 +1,14 @@
 //! Generated proto types to the gateway's own, with validation that names the
-//! field at fault, and deltas back to proto messages. The proto types stop here.
+//! field at fault (the value checks are the call core's, `core::validate`),
+//! and answers back to proto messages. The proto types stop here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::{error::CallError, pb};
-use crate::chat::{
-    ChatRequest, Delta, FinishReason, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice,
+use super::pb;
+use crate::{
+    chat::{ChatRequest, Delta, FinishReason, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice},
+    core::{CallError, Validated, WireRequest, validate},
 };
-
-const MAX_STOP: usize = 4;
-const MAX_TOOL_CALLS: usize = 256;
-/// OpenAI's own limit; a caller cannot make validation cost without bound.
-const MAX_TOOLS: usize = 128;
-const MAX_METADATA: usize = 64;
-const MAX_METADATA_KEY: usize = 128;
-const MAX_METADATA_VALUE: usize = 512;
 
 /// The fields both request messages share.
 pub struct RequestParts {
@@ -57,51 +51,36 @@ macro_rules! parts_from {
 parts_from!(pb::CompletionRequest);
 parts_from!(pb::StreamCompletionRequest);
 
+impl WireRequest for RequestParts {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn into_chat(self) -> Result<Validated, CallError> {
+        let (request, tags) = chat_request(self)?;
+        Ok(Validated { request, tags })
+    }
+}
+
 /// Checks a request and turns it into a [`ChatRequest`].
 pub fn chat_request(p: RequestParts) -> Result<(ChatRequest, HashMap<String, String>), CallError> {
     if p.model.is_empty() {
         return Err(CallError::invalid("model", "must name a configured model"));
     }
-    if p.messages.is_empty() {
-        return Err(CallError::invalid("messages", "at least one message is required"));
-    }
-    if p.max_tokens == Some(0) {
-        return Err(CallError::invalid("max_tokens", "must be at least 1"));
-    }
-    if let Some(t) = p.temperature
-        && !(0.0..=2.0).contains(&t)
-    {
-        return Err(CallError::invalid("temperature", format!("{t} is out of range 0..2")));
-    }
-    if let Some(t) = p.top_p
-        && !(0.0..=1.0).contains(&t)
-    {
-        return Err(CallError::invalid("top_p", format!("{t} is out of range 0..1")));
-    }
-    if p.stop.len() > MAX_STOP {
-        return Err(CallError::invalid(
-            "stop",
-            format!("at most {MAX_STOP} sequences, got {}", p.stop.len()),
-        ));
-    }
-    if let Some(i) = p.stop.iter().position(String::is_empty) {
-        return Err(CallError::invalid(format!("stop[{i}]"), "must not be empty"));
-    }
-    validate_metadata(&p.metadata)?;
+    validate::messages(p.messages.len())?;
+    validate::sampling(p.max_tokens, "max_tokens", p.temperature, p.top_p, &p.stop)?;
+    validate::metadata(&p.metadata)?;
 
     let mut messages = Vec::with_capacity(p.messages.len());
     for (i, m) in p.messages.into_iter().enumerate() {
         messages.push(message(i, m)?);
     }
-    if p.tools.len() > MAX_TOOLS {
-        return Err(CallError::invalid("tools", format!("at most {MAX_TOOLS} tools, got {}", p.tools.len())));
-    }
+    validate::tools(p.tools.len())?;
     let mut tools = Vec::with_capacity(p.tools.len());
-    let mut names = std::collections::HashSet::with_capacity(p.tools.len());
+    let mut names = HashSet::with_capacity(p.tools.len());
     for (i, t) in p.tools.into_iter().enumerate() {
-        if !names.insert(t.name.clone()) {
-            return Err(CallError::invalid(format!("tools[{i}].name"), "names a tool twice"));
-        }
+        validate::tool_name(&t.name, &mut names)
+            .map_err(|m| CallError::invalid(format!("tools[{i}].name"), m))?;
         tools.push(tool(i, t)?);
     }
     let tool_choice = match p.tool_choice.as_str() {
@@ -133,24 +112,6 @@ pub fn chat_request(p: RequestParts) -> Result<(ChatRequest, HashMap<String, Str
         user: p.user,
     };
     Ok((request, p.metadata))
-}
-
-fn validate_metadata(m: &HashMap<String, String>) -> Result<(), CallError> {
-    if m.len() > MAX_METADATA {
-        return Err(CallError::invalid("metadata", format!("at most {MAX_METADATA} entries")));
-    }
-    for (k, v) in m {
-        if k.is_empty() || k.len() > MAX_METADATA_KEY {
-            return Err(CallError::invalid("metadata", format!("keys are 1..{MAX_METADATA_KEY} bytes")));
-        }
-        if v.len() > MAX_METADATA_VALUE {
-            return Err(CallError::invalid(
-                format!("metadata[{k:?}]"),
-                format!("values are at most {MAX_METADATA_VALUE} bytes"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn message(i: usize, m: pb::ChatMessage) -> Result<Message, CallError> {
@@ -194,20 +155,12 @@ fn message(i: usize, m: pb::ChatMessage) -> Result<Message, CallError> {
     Ok(Message { role, content: m.content, name: m.name, tool_calls, tool_call_id: m.tool_call_id })
 }
 
+/// A tool whose name `core::validate::tool_name` has checked.
 fn tool(i: usize, t: pb::Tool) -> Result<Tool, CallError> {
-    let valid_name = !t.name.is_empty()
-        && t.name.len() <= 64
-        && t.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !valid_name {
-        return Err(CallError::invalid(
-            format!("tools[{i}].name"),
-            "must be 1-64 characters of a-z, A-Z, 0-9, _ and -",
-        ));
-    }
     let parameters = if t.parameters_json.trim().is_empty() {
         serde_json::json!({"type": "object", "properties": {}})
     } else {
-        json_object(&t.parameters_json)
+        validate::json_object(&t.parameters_json)
             .map_err(|m| CallError::invalid(format!("tools[{i}].parameters_json"), m))?
     };
     Ok(Tool { name: t.name, description: t.description, parameters })
@@ -220,7 +173,7 @@ fn response_format(f: Option<pb::ResponseFormat>) -> Result<ResponseFormat, Call
         Ok(Type::Unspecified | Type::Text) => ResponseFormat::Text,
         Ok(Type::JsonObject) => ResponseFormat::JsonObject,
         Ok(Type::JsonSchema) => {
-            let schema = json_object(&f.schema_json)
+            let schema = validate::json_object(&f.schema_json)
                 .map_err(|m| CallError::invalid("response_format.schema_json", m))?;
             let name = if f.schema_name.is_empty() { "response".to_owned() } else { f.schema_name };
             ResponseFormat::JsonSchema { name, schema, strict: f.strict }
@@ -229,14 +182,6 @@ fn response_format(f: Option<pb::ResponseFormat>) -> Result<ResponseFormat, Call
             return Err(CallError::invalid("response_format.type", format!("unknown value {}", f.r#type)));
         }
     })
-}
-
-fn json_object(text: &str) -> Result<serde_json::Value, String> {
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
-        Ok(_) => Err("must be a JSON object".into()),
-        Err(e) => Err(format!("is not valid JSON: {e}")),
-    }
 }
 
 pub fn finish_reason(r: Option<FinishReason>) -> pb::FinishReason {
@@ -277,54 +222,6 @@ pub fn stream_message(d: Delta, id: String) -> pb::StreamCompletionResponse {
         usage: d.finish.map(|f| usage(f.usage)),
         model: String::new(),
         provider: String::new(),
-    }
-}
-
-/// Gathers a stream's deltas into a whole answer.
-#[derive(Default)]
-pub struct Collector {
-    pub id: Option<String>,
-    pub content: String,
-    pub tool_calls: Vec<pb::ToolCall>,
-    pub finish: Option<crate::chat::Finish>,
-}
-
-impl Collector {
-    /// Bytes gathered so far.
-    pub fn size(&self) -> usize {
-        self.content.len() + self.tool_calls.iter().map(|c| c.arguments_json.len()).sum::<usize>()
-    }
-
-    pub fn push(&mut self, d: Delta) {
-        if self.id.is_none() {
-            self.id = d.id;
-        }
-        if self.content.is_empty() {
-            self.content = d.content;
-        } else {
-            self.content.push_str(&d.content);
-        }
-        for c in d.tool_calls {
-            let i = c.index as usize;
-            // An upstream cannot make us allocate without bound.
-            if i >= MAX_TOOL_CALLS {
-                continue;
-            }
-            while self.tool_calls.len() <= i {
-                self.tool_calls.push(pb::ToolCall::default());
-            }
-            let call = &mut self.tool_calls[i];
-            if !c.id.is_empty() {
-                call.id = c.id;
-            }
-            if !c.name.is_empty() {
-                call.name = c.name;
-            }
-            call.arguments_json.push_str(&c.arguments_delta);
-        }
-        if d.finish.is_some() {
-            self.finish = d.finish;
-        }
     }
 }
 
@@ -401,29 +298,5 @@ mod tests {
         p.response_format =
             Some(pb::ResponseFormat { r#type: 3, schema_json: "[]".into(), ..Default::default() });
         assert_eq!(field(chat_request(p)), "response_format.schema_json");
-    }
-
-    #[test]
-    fn collects_tool_calls() {
-        let mut c = Collector::default();
-        c.push(Delta {
-            tool_calls: vec![crate::chat::ToolCallDelta {
-                index: 0,
-                id: "a".into(),
-                name: "f".into(),
-                arguments_delta: "{\"x\"".into(),
-            }],
-            ..Default::default()
-        });
-        c.push(Delta {
-            tool_calls: vec![crate::chat::ToolCallDelta {
-                index: 0,
-                arguments_delta: ":1}".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        assert_eq!(c.tool_calls[0].arguments_json, "{\"x\":1}");
-        assert_eq!(c.tool_calls[0].name, "f");
     }
 }

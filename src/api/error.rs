@@ -1,176 +1,124 @@
-//! Every way a call can fail, and the one place where each becomes a gRPC
-//! status (CONTRACT.md sections 2 and 9): the code, a safe message, the
-//! `retry-after-ms` trailer and `grpc-status-details-bin`.
+//! The one place where a call's error becomes a gRPC status (CONTRACT.md
+//! section 2), and how the gRPC front door names its statuses in the call's
+//! record.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
-use thiserror::Error;
 use tonic::{Code, Status, metadata::MetadataMap};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{
-    admission::{Refusal, RefusalReason},
-    routing::{Failure, FailureKind, RouteError},
+use super::metadata;
+use crate::core::{Call, CallError, Door, Outcome, Reason};
+
+/// The gRPC front door, for the call core's record: the status code's name
+/// as the `code` label, its number as `rpc.grpc.status_code`.
+pub static GRPC: Door = Door {
+    name: "grpc",
+    status_field: "rpc.grpc.status_code",
+    ok: outcome(Code::Ok),
+    cancelled: outcome(Code::Cancelled),
 };
+
+pub fn code(error: &CallError) -> Code {
+    match error.reason() {
+        Reason::InvalidRequest | Reason::UpstreamRejected => Code::InvalidArgument,
+        Reason::ModelNotFound => Code::NotFound,
+        Reason::Unauthenticated => Code::Unauthenticated,
+        Reason::ModelNotAllowed => Code::PermissionDenied,
+        Reason::RateLimited | Reason::ConcurrencyLimited | Reason::QueueTimeout | Reason::BudgetExhausted => {
+            Code::ResourceExhausted
+        }
+        Reason::DeadlineExceeded => Code::DeadlineExceeded,
+        Reason::UpstreamUnavailable
+        | Reason::CircuitOpen
+        | Reason::UpstreamFailedMidstream
+        | Reason::ShuttingDown
+        | Reason::LimiterUnavailable => Code::Unavailable,
+    }
+}
 
 /// `google.rpc.ErrorInfo.domain` of every error the gateway returns.
 pub const ERROR_DOMAIN: &str = "llmgateway.v1";
 
-#[derive(Debug, Error)]
-pub enum CallError {
-    /// Bad input; `field` is the request field at fault.
-    #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
-    #[error("model {0:?} is not configured")]
-    ModelNotFound(String),
-    #[error("{0}")]
-    Unauthenticated(&'static str),
-    #[error("key {key:?} may not use model {model:?}")]
-    PermissionDenied { key: String, model: String },
-    #[error("the call's deadline passed")]
-    DeadlineExceeded,
-    #[error("the gateway is shutting down")]
-    ShuttingDown,
-    #[error(transparent)]
-    Route(#[from] RouteError),
-    /// The upstream failed after deltas were sent: the stream cannot be retried.
-    #[error("upstream failed mid-stream: {0}")]
-    MidStream(Failure),
-}
-
-impl CallError {
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        CallError::InvalidArgument { field: field.into(), message: message.into() }
+/// The status sent to the caller: code, message, `retry-after-ms` when
+/// known, and `grpc-status-details-bin` (CONTRACT.md section 9): ErrorInfo
+/// always, RetryInfo with a known delay, BadRequest naming the field,
+/// QuotaFailure naming the limit.
+pub fn to_status(error: &CallError) -> Status {
+    let retry_after = error.retry_after();
+    let mut details = ErrorDetails::new();
+    let mut info = HashMap::new();
+    if let Some((provider, model)) = error.target() {
+        info.insert("provider".to_owned(), provider.to_owned());
+        info.insert("model".to_owned(), model.to_owned());
     }
-
-    pub fn code(&self) -> Code {
-        match self {
-            CallError::InvalidArgument { .. } => Code::InvalidArgument,
-            CallError::ModelNotFound(_) | CallError::Route(RouteError::UnknownModel(_)) => Code::NotFound,
-            CallError::Unauthenticated(_) => Code::Unauthenticated,
-            CallError::PermissionDenied { .. } => Code::PermissionDenied,
-            CallError::DeadlineExceeded => Code::DeadlineExceeded,
-            CallError::ShuttingDown => Code::Unavailable,
-            CallError::Route(RouteError::Failed { failure, .. }) if failure.kind == FailureKind::Rejected => {
-                Code::InvalidArgument
-            }
-            CallError::Route(RouteError::Refused(r)) if r.reason == RefusalReason::LimiterUnavailable => {
-                Code::Unavailable
-            }
-            CallError::Route(RouteError::Refused(_)) => Code::ResourceExhausted,
-            CallError::Route(
-                RouteError::Failed { .. } | RouteError::CircuitOpen { .. } | RouteError::CoolingDown { .. },
-            )
-            | CallError::MidStream(_) => Code::Unavailable,
-        }
+    details.set_error_info(error.reason().as_str(), ERROR_DOMAIN, info);
+    if let Some(field) = error.field() {
+        details.add_bad_request_violation(field, error.message());
     }
-
-    /// The `google.rpc.ErrorInfo.reason` (CONTRACT.md section 9).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            CallError::InvalidArgument { .. } => "INVALID_REQUEST",
-            CallError::ModelNotFound(_) | CallError::Route(RouteError::UnknownModel(_)) => "MODEL_NOT_FOUND",
-            CallError::Unauthenticated(_) => "UNAUTHENTICATED",
-            CallError::PermissionDenied { .. } => "MODEL_NOT_ALLOWED",
-            CallError::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            CallError::ShuttingDown => "SHUTTING_DOWN",
-            CallError::Route(RouteError::Failed { failure, .. }) if failure.kind == FailureKind::Rejected => {
-                "UPSTREAM_REJECTED"
-            }
-            CallError::Route(RouteError::Failed { .. } | RouteError::CoolingDown { .. }) => {
-                "UPSTREAM_UNAVAILABLE"
-            }
-            CallError::Route(RouteError::CircuitOpen { .. }) => "CIRCUIT_OPEN",
-            CallError::Route(RouteError::Refused(r)) => r.reason.as_str(),
-            CallError::MidStream(_) => "UPSTREAM_FAILED_MIDSTREAM",
-        }
+    if let Some((subject, description)) = error.quota() {
+        details.add_quota_failure_violation(subject, description);
     }
-
-    /// A low-cardinality label for metrics and `error.type`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CallError::InvalidArgument { .. } => "invalid_argument",
-            CallError::ModelNotFound(_) | CallError::Route(RouteError::UnknownModel(_)) => "model_not_found",
-            CallError::Unauthenticated(_) => "unauthenticated",
-            CallError::PermissionDenied { .. } => "permission_denied",
-            CallError::DeadlineExceeded => "deadline_exceeded",
-            CallError::ShuttingDown => "shutting_down",
-            CallError::Route(RouteError::Failed { failure, .. }) | CallError::MidStream(failure) => {
-                failure.kind.label()
-            }
-            CallError::Route(RouteError::CircuitOpen { .. }) => "circuit_open",
-            CallError::Route(RouteError::CoolingDown { .. }) => "cooling_down",
-            CallError::Route(RouteError::Refused(r)) => match r.reason {
-                RefusalReason::RateLimited => "rate_limited",
-                RefusalReason::ConcurrencyLimited => "concurrency_limited",
-                RefusalReason::QueueTimeout => "queue_timeout",
-                RefusalReason::BudgetExhausted => "budget_exhausted",
-                RefusalReason::LimiterUnavailable => "limiter_unavailable",
-            },
-        }
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            CallError::Route(e) => e.retry_after(),
-            _ => None,
-        }
-    }
-
-    fn message(&self) -> String {
-        match self {
-            CallError::Route(RouteError::Failed { provider, failure, .. })
-                if failure.kind == FailureKind::Rejected =>
-            {
-                format!("provider {provider:?} rejected the request: {failure}")
-            }
-            CallError::Route(RouteError::Failed { attempts, provider, failure, .. }) => {
-                format!("{attempts} attempt(s) failed; last, provider {provider:?}: {failure}")
-            }
-            other => other.to_string(),
-        }
-    }
-
-    /// The status sent to the caller: code, message, `retry-after-ms` when
-    /// known, and the machine-readable details.
-    pub fn to_status(&self) -> Status {
-        let retry_after = self.retry_after();
-        let mut details = ErrorDetails::new();
-        let mut info = HashMap::new();
-        match self {
-            CallError::InvalidArgument { field, message } => {
-                details.add_bad_request_violation(field.clone(), message.clone());
-            }
-            CallError::Route(RouteError::Failed { provider, model, failure, .. }) => {
-                info.insert("provider".to_owned(), provider.to_string());
-                info.insert("model".to_owned(), model.to_string());
-                if failure.kind == FailureKind::Rejected {
-                    // The provider does not say which field; the request as a whole.
-                    details.add_bad_request_violation("request", failure.message.clone());
-                }
-            }
-            CallError::Route(RouteError::Refused(Refusal { subject, description, .. })) => {
-                details.add_quota_failure_violation(subject.clone(), description.clone());
-            }
-            _ => {}
-        }
-        details.set_error_info(self.reason(), ERROR_DOMAIN, info);
-        if let Some(after) = retry_after {
-            details.set_retry_info(Some(after));
-        }
-        let mut metadata = MetadataMap::new();
-        if let Some(after) = retry_after
-            && let Ok(v) = after.as_millis().to_string().parse()
-        {
+    let mut metadata = MetadataMap::new();
+    if let Some(after) = retry_after {
+        details.set_retry_info(Some(after));
+        if let Ok(v) = after.as_millis().to_string().parse() {
             metadata.insert("retry-after-ms", v);
         }
-        Status::with_error_details_and_metadata(self.code(), self.message(), details, metadata)
+    }
+    Status::with_error_details_and_metadata(code(error), error.message(), details, metadata)
+}
+
+/// The status for `error`, recorded on the call, with the call's headers.
+pub fn call_status(call: &mut Call, error: CallError) -> Status {
+    let mut status = to_status(&error);
+    call.failed(&error, outcome(status.code()));
+    metadata::headers(call, status.metadata_mut());
+    status
+}
+
+/// The response headers of a call that goes ahead.
+pub fn response_headers(call: &Call) -> MetadataMap {
+    let mut md = MetadataMap::new();
+    metadata::headers(call, &mut md);
+    md
+}
+
+const fn outcome(code: Code) -> Outcome {
+    Outcome { code: code_name(code), number: code as i64 }
+}
+
+pub const fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::{
+        providers::ProviderError,
+        routing::{Failure, RouteError},
+    };
 
     #[test]
     fn a_refused_key_is_not_echoed_to_callers() {
@@ -178,38 +126,38 @@ mod tests {
             attempts: 1,
             provider: "oa".into(),
             model: "m".into(),
-            failure: Failure::from(&crate::providers::ProviderError::Status {
+            failure: Failure::from(&ProviderError::Status {
                 status: 401,
                 message: "Incorrect API key provided: sk-...abcd".into(),
                 retry_after: None,
             }),
         });
-        let status = e.to_status();
+        let status = to_status(&e);
         assert_eq!(status.code(), Code::Unavailable);
         assert!(!status.message().contains("sk-"), "{}", status.message());
         let details = status.get_error_details();
-        let info = details.error_info().unwrap();
+        let info = details.error_info().expect("ErrorInfo");
         assert_eq!(info.reason, "UPSTREAM_UNAVAILABLE");
         assert_eq!(info.domain, ERROR_DOMAIN);
     }
 
     #[test]
     fn invalid_arguments_name_the_field() {
-        let status = CallError::invalid("temperature", "must be between 0 and 2").to_status();
+        let status = to_status(&CallError::invalid("temperature", "must be between 0 and 2"));
         let details = status.get_error_details();
-        assert_eq!(details.error_info().unwrap().reason, "INVALID_REQUEST");
-        assert_eq!(details.bad_request().unwrap().field_violations[0].field, "temperature");
+        assert_eq!(details.error_info().expect("ErrorInfo").reason, "INVALID_REQUEST");
+        assert_eq!(details.bad_request().expect("BadRequest").field_violations[0].field, "temperature");
     }
 
     #[test]
     fn circuit_open_carries_retry_info_and_trailer() {
-        let status =
-            CallError::Route(RouteError::CircuitOpen { retry_after: Some(Duration::from_millis(1500)) })
-                .to_status();
+        let status = to_status(&CallError::Route(RouteError::CircuitOpen {
+            retry_after: Some(Duration::from_millis(1500)),
+        }));
         assert_eq!(status.code(), Code::Unavailable);
-        assert_eq!(status.metadata().get("retry-after-ms").unwrap(), "1500");
+        assert_eq!(status.metadata().get("retry-after-ms").map(|v| v.to_str().ok()), Some(Some("1500")));
         let details = status.get_error_details();
-        assert_eq!(details.error_info().unwrap().reason, "CIRCUIT_OPEN");
-        assert!(details.retry_info().unwrap().retry_delay.is_some());
+        assert_eq!(details.error_info().expect("ErrorInfo").reason, "CIRCUIT_OPEN");
+        assert!(details.retry_info().is_some_and(|r| r.retry_delay.is_some()));
     }
 }

@@ -1,17 +1,16 @@
-//! The gRPC face of the gateway: the `LlmGateway` service, health and
-//! reflection. Request validation, auth and status mapping live here; the
-//! generated proto types go no further down.
+//! The gRPC front door: the `LlmGateway` service as a thin adapter over the
+//! call core (proto to chat types and back, metadata to plain values, and one
+//! map from the core's errors to gRPC statuses). The generated proto types go
+//! no further down.
 
-mod auth;
-mod call;
 mod convert;
 mod error;
+mod metadata;
 mod service;
 mod stream;
 
-pub use auth::Keys;
-pub use error::CallError;
-pub use service::{Gateway, GatewayService};
+pub use error::{GRPC, code, to_status};
+pub use service::GatewayService;
 
 /// The generated types and stubs of `proto/llmgateway/v1/gateway.proto`.
 pub mod pb {

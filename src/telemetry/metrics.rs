@@ -237,7 +237,7 @@ impl Metrics {
     }
 }
 
-/// What `api/` reports of a call when it ends.
+/// What the call core reports of a call when it ends.
 pub struct FinishedCall<'a> {
     pub method: &'static str,
     pub model: &'a str,

@@ -50,15 +50,27 @@ fn propagator() -> TextMapCompositePropagator {
     ])
 }
 
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
+/// The W3C trace context a front door read from its call's metadata.
+struct ValueExtractor<'a> {
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    baggage: Option<&'a str>,
+}
 
-impl Extractor for HeaderExtractor<'_> {
+impl Extractor for ValueExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        match key {
+            "traceparent" => self.traceparent,
+            "tracestate" => self.tracestate,
+            "baggage" => self.baggage,
+            _ => None,
+        }
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
+        let present =
+            [("traceparent", self.traceparent), ("tracestate", self.tracestate), ("baggage", self.baggage)];
+        present.into_iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k).collect()
     }
 }
 
@@ -80,9 +92,13 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
-    /// Extracts W3C `traceparent`, `tracestate` and `baggage`.
-    pub fn from_headers(headers: &http::HeaderMap) -> Self {
-        let parent = propagator().extract(&HeaderExtractor(headers));
+    /// Extracts W3C `traceparent`, `tracestate` and `baggage`, as values a
+    /// front door has read (gRPC metadata, HTTP headers).
+    pub fn from_values(traceparent: Option<&str>, tracestate: Option<&str>, baggage: Option<&str>) -> Self {
+        Self::from_parent(propagator().extract(&ValueExtractor { traceparent, tracestate, baggage }))
+    }
+
+    fn from_parent(parent: Context) -> Self {
         if exporting() || parent.span().span_context().is_valid() {
             return Self { parent };
         }

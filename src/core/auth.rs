@@ -1,14 +1,18 @@
-//! Client keys: `authorization: Bearer KEY`, checked against the SHA-256
-//! digests of the config, in constant time; and each key's model allow-list.
+//! Client keys: an `authorization: Bearer KEY` value (gRPC metadata or HTTP
+//! header alike), checked against the SHA-256 digests of the config, in
+//! constant time; and each key's model allow-list.
 
 use std::{collections::HashSet, sync::Arc};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::metadata::MetadataMap;
 
 use super::error::CallError;
 use crate::config::ApiKeyConfig;
+
+/// The two ways auth fails; front doors may word them for their protocol.
+pub const MISSING_KEY: &str = "missing `authorization: Bearer <key>` metadata";
+pub const INVALID_KEY: &str = "invalid API key";
 
 struct Key {
     name: Arc<str>,
@@ -57,20 +61,19 @@ impl Keys {
         !self.keys.is_empty()
     }
 
-    /// Authenticates the call. With no keys configured, auth is off.
-    pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, CallError> {
+    /// Authenticates the call from its `authorization` value, if it sent one.
+    /// With no keys configured, auth is off.
+    pub fn check(&self, authorization: Option<&str>) -> Result<Caller, CallError> {
         if self.keys.is_empty() {
             return Ok(Caller { key_name: None, models: None });
         }
-        let presented = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        let presented = authorization
             .and_then(|v| {
                 let (scheme, key) = v.trim().split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
             })
             .filter(|k| !k.is_empty())
-            .ok_or(CallError::Unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
+            .ok_or(CallError::Unauthenticated(MISSING_KEY))?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare with every key, so timing does not tell which one is near.
         let mut found = None;
@@ -79,7 +82,7 @@ impl Keys {
                 found = Some(key);
             }
         }
-        let key = found.ok_or(CallError::Unauthenticated("invalid API key"))?;
+        let key = found.ok_or(CallError::Unauthenticated(INVALID_KEY))?;
         Ok(Caller { key_name: Some(key.name.clone()), models: key.models.clone() })
     }
 }
@@ -93,18 +96,13 @@ mod tests {
         Keys::new(&[ApiKeyConfig { name: "a".into(), key_sha256: digest, models: vec!["chat".into()] }])
     }
 
-    fn md(v: &str) -> MetadataMap {
-        let mut m = MetadataMap::new();
-        m.insert("authorization", v.parse().unwrap());
-        m
-    }
-
     #[test]
     fn checks_keys_and_models() {
         let k = keys();
-        assert!(matches!(k.check(&MetadataMap::new()), Err(CallError::Unauthenticated(_))));
-        assert!(matches!(k.check(&md("Bearer wrong")), Err(CallError::Unauthenticated(_))));
-        let c = k.check(&md("Bearer secret")).unwrap();
+        assert!(matches!(k.check(None), Err(CallError::Unauthenticated(_))));
+        assert!(matches!(k.check(Some("Bearer wrong")), Err(CallError::Unauthenticated(_))));
+        assert!(matches!(k.check(Some("Basic secret")), Err(CallError::Unauthenticated(_))));
+        let c = k.check(Some("bearer  secret ")).unwrap();
         assert_eq!(c.key_name.as_deref(), Some("a"));
         assert!(c.may_use("chat"));
         assert!(!c.may_use("other"));

@@ -1,22 +1,20 @@
-//! One call's life: its request id, deadline, server span and the record it
-//! leaves (metrics, one log line) however it ends, including a caller who
-//! left mid-stream.
+//! One call's life: its request id, deadline, trace context, server span and
+//! the record it leaves (metrics, one log line) however it ends, including a
+//! caller who left mid-stream. A front door describes itself with a [`Door`]
+//! and hands over its metadata as plain values ([`CallMeta`]).
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tonic::{
-    Code,
-    metadata::{AsciiMetadataValue, MetadataMap},
-};
-use tracing::{Span, field::Empty};
+use tracing::Span;
 
 use super::error::CallError;
 use crate::{
-    chat::Finish,
+    chat::{ChatRequest, Finish},
     telemetry::{
         self, TraceContext,
         metrics::{FinishedCall, Metrics},
@@ -26,12 +24,71 @@ use crate::{
 /// Most completion text recorded on a span; past it the record is cut.
 const MAX_RECORDED: usize = 1 << 20;
 
-/// Longest `grpc-timeout` value: 8 digits (gRPC over HTTP/2 spec).
-const MAX_TIMEOUT_DIGITS: usize = 8;
+/// Longest caller-chosen request id kept; a longer one is replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A front door's vocabulary for the record a call leaves.
+pub struct Door {
+    /// The front door, as a metric label and log field (`grpc`, `http`).
+    pub name: &'static str,
+    /// The span field (declared by the front door's [`call_span!`]) that
+    /// holds [`Outcome::number`].
+    pub status_field: &'static str,
+    /// How a call that succeeded is recorded.
+    pub ok: Outcome,
+    /// How a call is recorded that ended with no outcome: the caller went away.
+    pub cancelled: Outcome,
+}
+
+/// A call's ending in its front door's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The status by name: the `code` metric label and the log's `status`.
+    pub code: &'static str,
+    /// The status as a number, on the span.
+    pub number: i64,
+}
+
+/// The call's metadata, as plain values read by its front door.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CallMeta<'a> {
+    /// `x-request-id`.
+    pub request_id: Option<&'a str>,
+    /// W3C trace context.
+    pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
+    pub baggage: Option<&'a str>,
+    /// The deadline the caller asked for, if any.
+    pub timeout: Option<Duration>,
+}
+
+/// The server span of a call: the front door's own name and fields (among
+/// them its [`Door::status_field`]), then the fields the core records.
+macro_rules! call_span {
+    ($name:literal, $($door:tt)+) => {
+        ::tracing::info_span!(
+            $name,
+            $($door)+,
+            otel.kind = "server",
+            otel.status_code = ::tracing::field::Empty,
+            request_id = ::tracing::field::Empty,
+            llm_gateway.key_name = ::tracing::field::Empty,
+            gen_ai.request.model = ::tracing::field::Empty,
+            llm_gateway.provider = ::tracing::field::Empty,
+            gen_ai.usage.input_tokens = ::tracing::field::Empty,
+            gen_ai.usage.output_tokens = ::tracing::field::Empty,
+            llm_gateway.cancelled = ::tracing::field::Empty,
+            llm_gateway.streamed_deltas = ::tracing::field::Empty,
+            error.type = ::tracing::field::Empty,
+        )
+    };
+}
+pub(crate) use call_span;
 
 pub struct Call {
+    door: &'static Door,
     pub method: &'static str,
-    pub request_id: AsciiMetadataValue,
+    pub request_id: String,
     pub trace: TraceContext,
     pub span: Span,
     pub deadline: Option<Instant>,
@@ -44,7 +101,7 @@ pub struct Call {
     ttft: Option<Duration>,
     deltas: u32,
     finish: Option<Finish>,
-    outcome: Option<(Code, &'static str)>,
+    outcome: Option<(Outcome, &'static str)>,
     /// The completion so far, when content recording is on.
     output: Option<String>,
     /// Counts this call as in flight until it is dropped.
@@ -52,54 +109,34 @@ pub struct Call {
 }
 
 impl Call {
-    pub fn start(
+    /// Starts the record of a call under `span` (made with [`call_span!`]);
+    /// its deadline is the caller's, else `default_timeout` (0: none).
+    pub(super) fn start(
+        door: &'static Door,
         method: &'static str,
-        metadata: &MetadataMap,
+        span: Span,
+        meta: &CallMeta<'_>,
         default_timeout: Duration,
         metrics: Arc<Metrics>,
         tracked: TaskTrackerToken,
     ) -> Self {
         let started = Instant::now();
-        let request_id = metadata
-            .get("x-request-id")
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .cloned()
-            .unwrap_or_else(new_request_id);
-        let mut trace_headers = http::HeaderMap::new();
-        for name in ["traceparent", "tracestate", "baggage"] {
-            if let Some(v) = metadata.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
-                trace_headers.insert(name, v);
-            }
-        }
-        let trace = TraceContext::from_headers(&trace_headers);
-        let span = tracing::info_span!(
-            "grpc",
-            otel.name = format!("llmgateway.v1.LlmGateway/{method}"),
-            otel.kind = "server",
-            otel.status_code = Empty,
-            rpc.system = "grpc",
-            rpc.service = "llmgateway.v1.LlmGateway",
-            rpc.method = method,
-            rpc.grpc.status_code = Empty,
-            request_id = request_id.to_str().unwrap_or(""),
-            llm_gateway.key_name = Empty,
-            gen_ai.request.model = Empty,
-            llm_gateway.provider = Empty,
-            gen_ai.usage.input_tokens = Empty,
-            gen_ai.usage.output_tokens = Empty,
-            llm_gateway.cancelled = Empty,
-            llm_gateway.streamed_deltas = Empty,
-            error.type = Empty,
-        );
+        let request_id = meta
+            .request_id
+            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+            .map(str::to_owned)
+            .unwrap_or_else(new_id);
+        let trace = TraceContext::from_values(meta.traceparent, meta.tracestate, meta.baggage);
+        span.record("request_id", request_id.as_str());
         trace.adopt(&span);
-        let timeout = grpc_timeout(metadata);
-        let timeout = match timeout {
+        let timeout = match meta.timeout {
             Some(t) => Some(t),
             None if default_timeout.is_zero() => None,
             None => Some(default_timeout),
         };
         metrics.call_started();
         Self {
+            door,
             method,
             request_id,
             deadline: timeout.and_then(|t| started.checked_add(t)),
@@ -129,14 +166,14 @@ impl Call {
     }
 
     /// The caller's tags, one span attribute each.
-    pub fn set_metadata(&self, metadata: &std::collections::HashMap<String, String>) {
+    pub fn set_metadata(&self, metadata: &HashMap<String, String>) {
         for (k, v) in metadata {
             telemetry::set_attribute(&self.span, format!("llm_gateway.metadata.{k}"), v.clone());
         }
     }
 
     /// Prompts and completions go on the span only when the config says so.
-    pub fn record_prompt(&mut self, request: &crate::chat::ChatRequest) {
+    pub fn record_prompt(&mut self, request: &ChatRequest) {
         let messages: Vec<_> = request
             .messages
             .iter()
@@ -179,7 +216,7 @@ impl Call {
         self.finish = Some(finish);
         self.span.record("gen_ai.usage.input_tokens", i64::from(finish.usage.input_tokens));
         self.span.record("gen_ai.usage.output_tokens", i64::from(finish.usage.output_tokens));
-        self.outcome = Some((Code::Ok, ""));
+        self.outcome = Some((self.door.ok, ""));
     }
 
     /// The answer ended with its final delta.
@@ -187,34 +224,17 @@ impl Call {
         self.finish.is_some()
     }
 
-    /// An answer with no upstream behind it (ListModels).
+    /// An answer with no upstream behind it (a model list).
     pub fn succeeded(&mut self) {
-        self.outcome = Some((Code::Ok, ""));
+        self.outcome = Some((self.door.ok, ""));
     }
 
-    pub fn failed(&mut self, error: &CallError) {
+    /// Records how the call failed, as its front door told the caller. The
+    /// first failure recorded is the one that counts.
+    pub fn failed(&mut self, error: &CallError, outcome: Outcome) {
         if self.outcome.is_none() {
-            self.outcome = Some((error.code(), error.label()));
+            self.outcome = Some((outcome, error.label()));
         }
-    }
-
-    /// The response metadata every answer carries, success or error.
-    pub fn headers(&self, md: &mut MetadataMap) {
-        md.insert("x-request-id", self.request_id.clone());
-        if let Some(v) = self.provider.as_deref().and_then(|p| p.parse().ok()) {
-            md.insert("x-llm-provider", v);
-        }
-        if let Some(v) = self.upstream_model.as_deref().and_then(|m| m.parse().ok()) {
-            md.insert("x-llm-model", v);
-        }
-    }
-
-    /// The status for `error`, with this call's headers.
-    pub fn status(&mut self, error: CallError) -> tonic::Status {
-        self.failed(&error);
-        let mut status = error.to_status();
-        self.headers(status.metadata_mut());
-        status
     }
 
     /// Time left before the deadline.
@@ -227,11 +247,11 @@ impl Drop for Call {
     fn drop(&mut self) {
         // No outcome recorded: the caller went away before the end.
         let cancelled = self.outcome.is_none();
-        let (code, error_type) = self.outcome.unwrap_or((Code::Cancelled, "cancelled"));
+        let (outcome, error_type) = self.outcome.unwrap_or((self.door.cancelled, "cancelled"));
         let duration = self.started.elapsed();
-        let code_name = code_name(code);
-        self.span.record("rpc.grpc.status_code", i64::from(code as i32));
-        if code != Code::Ok {
+        let code_name = outcome.code;
+        self.span.record(self.door.status_field, outcome.number);
+        if outcome != self.door.ok {
             self.span.record("otel.status_code", "ERROR");
             self.span.record("error.type", error_type);
         }
@@ -260,7 +280,7 @@ impl Drop for Call {
         let trace_id = self.trace.trace_id(&self.span);
         tracing::info!(
             parent: &self.span,
-            request_id = self.request_id.to_str().unwrap_or(""),
+            request_id = self.request_id.as_str(),
             trace_id = trace_id.as_deref().unwrap_or(""),
             method = self.method,
             model = %self.model,
@@ -281,72 +301,4 @@ impl Drop for Call {
 /// 32 hex digits, random per call: unique enough to find a call's logs.
 pub fn new_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
-}
-
-fn new_request_id() -> AsciiMetadataValue {
-    // Hex digits are always a valid header value.
-    AsciiMetadataValue::try_from(new_id()).unwrap_or_else(|_| AsciiMetadataValue::from_static("unknown"))
-}
-
-/// The `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
-pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > MAX_TIMEOUT_DIGITS {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_grpc_timeout() {
-        let mut m = MetadataMap::new();
-        for (v, d) in [
-            ("100m", Some(Duration::from_millis(100))),
-            ("2S", Some(Duration::from_secs(2))),
-            ("1H", Some(Duration::from_secs(3600))),
-            ("5u", Some(Duration::from_micros(5))),
-            ("123456789S", None),
-            ("S", None),
-            ("10x", None),
-        ] {
-            m.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(&m), d, "{v}");
-        }
-    }
 }
