@@ -6,8 +6,8 @@ on the registries CI reaches ships a helm binary for Linux).
 
 For each values set (the defaults, then each file): lint, render for
 Kubernetes 1.32 with the Prometheus Operator's API present, and write
-OUT_DIR/<set>.yaml (every object) and OUT_DIR/<set>.config.yaml (the config
-the ConfigMap holds, for `llm-gateway check-config`). Then asserts what the
+OUT_DIR/objects/<set>.yaml (every object) and OUT_DIR/config/<set>.yaml (the
+config the ConfigMap holds, for `llm-gateway check-config`). Then asserts what the
 schema cannot (probes, drain timing, security, the ServiceMonitor gate) and
 that bad values are refused. Exits non-zero on the first problem.
 """
@@ -122,7 +122,8 @@ def main():
         fail("usage: chart.py CHART OUT_DIR [VALUES_FILE...]")
     chart_dir = sys.argv[1]
     out = pathlib.Path(sys.argv[2])
-    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("objects", "config"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     chart = Chart.load(chart_dir)
     sets = [("default", {})]
     for f in sys.argv[3:]:
@@ -135,10 +136,10 @@ def main():
         except HelmError as e:
             fail(f"helm template ({name}): {e}")
         docs = objects(manifests)
-        (out / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        (out / "objects" / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
         configmaps = by_kind(docs, "ConfigMap")
         check(len(configmaps) == 1, f"{name}: one ConfigMap")
-        (out / f"{name}.config.yaml").write_text(configmaps[0]["data"]["config.yaml"])
+        (out / "config" / f"{name}.yaml").write_text(configmaps[0]["data"]["config.yaml"])
         check_deployment(docs, values, name)
         monitors = len(by_kind(docs, "ServiceMonitor"))
         wanted = values.get("serviceMonitor", {}).get("enabled", False)
