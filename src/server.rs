@@ -2,13 +2,14 @@
 //! them, with TCP_NODELAY and bounded streams per connection. We drive hyper
 //! directly rather than tonic's `Server` so that deadlines are ours to
 //! enforce (tonic's own `grpc-timeout` handling answers CANCELLED where the
-//! contract wants DEADLINE_EXCEEDED) and so that draining is explicit.
+//! contract wants DEADLINE_EXCEEDED) and so that draining and connection
+//! ageing are explicit.
 
-use std::time::Duration;
+use std::{fmt::Display, time::Duration};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    server::graceful::GracefulConnection,
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
@@ -45,8 +46,9 @@ pub async fn serve(
             .keep_alive_interval(config.http2_keepalive_interval)
             .keep_alive_timeout(Duration::from_secs(20));
     }
+    let max_age = MaxAge::from_config(config);
     let service = TowerToHyperService::new(routes);
-    let graceful = GracefulShutdown::new();
+    let goaway = CancellationToken::new();
     let mut connection_set = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -67,22 +69,82 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
         let conn = http2.serve_connection(TokioIo::new(stream), service.clone());
-        let conn = graceful.watch(conn);
-        connection_set.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        connection_set.spawn(drive(conn, goaway.clone(), max_age));
         // Reap finished connections so the set does not grow with them.
         while connection_set.try_join_next().is_some() {}
     }
     drop(listener);
-    Drain { graceful, conns: connection_set }
+    Drain { goaway, conns: connection_set }
+}
+
+/// `server.max_connection_age` and its grace: a connection is sent GOAWAY at
+/// that age, so that its client reconnects and a load balancer that spreads
+/// connections (a Kubernetes Service) spreads the calls again.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxAge {
+    pub age: Duration,
+    pub grace: Duration,
+}
+
+impl MaxAge {
+    /// None when `server.max_connection_age` is 0 (off).
+    pub fn from_config(config: &ServerConfig) -> Option<Self> {
+        (!config.max_connection_age.is_zero())
+            .then_some(Self { age: config.max_connection_age, grace: config.max_connection_age_grace })
+    }
+
+    /// The age of one connection: ±10% of the configured one, so that the
+    /// clients connected together (after a rollout, say) do not all
+    /// reconnect together.
+    fn jittered(&self) -> Duration {
+        self.age.mul_f64(0.9 + 0.2 * fastrand::f64())
+    }
+}
+
+/// Runs one connection to its end. When `goaway` fires (the listener drains)
+/// or the connection reaches its max age, it is sent a graceful GOAWAY: no
+/// new calls, the calls in flight finish. An aged connection is closed once
+/// its grace is over; a draining one is left to [`Drain::finish`]. Any
+/// listener can drive its connections with this (HTTP/1 ones included).
+pub async fn drive<C>(conn: C, goaway: CancellationToken, max_age: Option<MaxAge>)
+where
+    C: GracefulConnection,
+    C::Error: Display,
+{
+    tokio::pin!(conn);
+    let aged = async {
+        match max_age {
+            Some(m) => tokio::time::sleep(m.jittered()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let grace = tokio::select! {
+        r = conn.as_mut() => return log_end(r),
+        _ = goaway.cancelled() => None,
+        _ = aged => max_age.map(|m| m.grace),
+    };
+    conn.as_mut().graceful_shutdown();
+    match grace {
+        None => log_end(conn.await),
+        Some(grace) => match tokio::time::timeout(grace, conn.as_mut()).await {
+            Ok(r) => log_end(r),
+            // Dropping the connection closes it and cancels its calls.
+            Err(_) => {
+                tracing::debug!(grace_s = grace.as_secs_f64(), "closing a connection past its max age grace")
+            }
+        },
+    }
+}
+
+fn log_end<E: Display>(result: Result<(), E>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
 
 /// The connections still open when the listener closed.
 pub struct Drain {
-    graceful: GracefulShutdown,
+    goaway: CancellationToken,
     conns: JoinSet<()>,
 }
 
@@ -96,15 +158,18 @@ impl Drain {
     /// gateway's own calls with a status); streams it does not own (a health
     /// watch, say) are then cut by closing their connections.
     pub async fn finish(mut self, grace: Duration, cancel: impl Future<Output = ()>) {
-        let shutdown = self.graceful.shutdown();
-        tokio::pin!(shutdown);
-        if tokio::time::timeout(grace, &mut shutdown).await.is_err() {
+        self.goaway.cancel();
+        if tokio::time::timeout(grace, join_all(&mut self.conns)).await.is_err() {
             cancel.await;
-            if tokio::time::timeout(FLUSH_WAIT, &mut shutdown).await.is_err() {
+            if tokio::time::timeout(FLUSH_WAIT, join_all(&mut self.conns)).await.is_err() {
                 tracing::info!(connections = self.conns.len(), "closing connections still open");
                 self.conns.abort_all();
             }
         }
-        while self.conns.join_next().await.is_some() {}
+        join_all(&mut self.conns).await;
     }
+}
+
+async fn join_all(set: &mut JoinSet<()>) {
+    while set.join_next().await.is_some() {}
 }

@@ -44,6 +44,13 @@ pub struct ServerConfig {
     /// HTTP/2 keep-alive ping interval towards clients; 0 turns it off.
     #[serde(deserialize_with = "duration")]
     pub http2_keepalive_interval: Duration,
+    /// A connection older than this (±10%) is sent a graceful GOAWAY; 0: never.
+    #[serde(deserialize_with = "duration")]
+    pub max_connection_age: Duration,
+    /// How long calls on a connection told GOAWAY for its age may run on
+    /// before the connection is closed.
+    #[serde(deserialize_with = "duration")]
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +60,8 @@ impl Default for ServerConfig {
             default_timeout: Duration::from_secs(600),
             max_concurrent_streams: 1024,
             http2_keepalive_interval: Duration::from_secs(30),
+            max_connection_age: Duration::ZERO,
+            max_connection_age_grace: Duration::from_secs(600),
         }
     }
 }

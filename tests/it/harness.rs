@@ -337,6 +337,17 @@ impl RawH2 {
         RawResponse { headers: parts.headers, body, buf: BytesMut::new() }
     }
 
+    /// Waits for the connection to end: the server closed it. Unbounded:
+    /// wrap it; call it at most once, and not with [`RawH2::kill`].
+    pub(crate) async fn closed(&mut self) {
+        let _ = (&mut self.conn).await;
+    }
+
+    /// Whether the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.is_finished()
+    }
+
     /// Drops the connection as a dying process would: no RST_STREAM, no GOAWAY.
     pub(crate) async fn kill(self) {
         let Self { send, conn, .. } = self;

@@ -10,6 +10,7 @@ mod wire;
 mod auth;
 mod cancel;
 mod config;
+mod conn_age;
 mod deadline;
 mod errors;
 mod fallback;
