@@ -34,6 +34,7 @@ use crate::{
     routing::Router,
     server,
     telemetry::metrics::Metrics,
+    tls::Tls,
 };
 
 /// How long cancelled calls get to end after the grace period.
@@ -49,6 +50,8 @@ pub enum AppError {
     Reflection(String),
     #[error("admin listener: {0}")]
     Admin(std::io::Error),
+    #[error("server.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The gateway's two listeners, bound before it runs so that callers (and
@@ -91,6 +94,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new());
+    let tls = config.server.tls.as_ref().map(Tls::load).transpose()?;
     let router = Router::new(&config, metrics.clone()).map_err(|(name, e)| AppError::Provider(name, e))?;
     let draining = CancellationToken::new();
     let hard_stop = CancellationToken::new();
@@ -142,7 +146,8 @@ pub async fn run(
             admin_addr = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
             "serving"
         );
-        server::serve(listeners.grpc, routes, &config.server, draining.clone()).await
+        let acceptor = tls.as_ref().map(|t| t.acceptor(&[b"h2"]));
+        server::serve(listeners.grpc, routes, &config.server, acceptor, draining.clone()).await
     };
     let signal = async {
         shutdown.await;
@@ -166,7 +171,13 @@ pub async fn run(
         drain.finish(config.server.shutdown_grace, cancel).await;
         admin_stop.cancel();
     };
-    let (admin_result, ()) = tokio::join!(admin_run, grpc_run);
+    // New handshakes pick up renewed certificate files until the drain.
+    let tls_watch = async {
+        if let (Some(tls), Some(files)) = (&tls, &config.server.tls) {
+            tls.clone().watch(files.reload_interval, metrics.clone(), draining.clone()).await;
+        }
+    };
+    let (admin_result, (), ()) = tokio::join!(admin_run, grpc_run, tls_watch);
     admin_result.map_err(AppError::Admin)?;
     tracing::info!("stopped");
     Ok(())

@@ -12,3 +12,4 @@ pub mod providers;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

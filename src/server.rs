@@ -16,18 +16,22 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServerConfig;
+use crate::{
+    config::ServerConfig,
+    tls::{Stream, TlsAcceptor},
+};
 
 const CONNECTION_WINDOW: u32 = 8 << 20;
 const STREAM_WINDOW: u32 = 1 << 20;
 
-/// Serves `routes` on `listener` until `draining` fires; then closes the
-/// listener (new connections are refused) and returns the handle that
-/// finishes the open connections gracefully.
+/// Serves `routes` on `listener` (over TLS with `tls`) until `draining`
+/// fires; then closes the listener (new connections are refused) and
+/// returns the handle that finishes the open connections gracefully.
 pub async fn serve(
     listener: TcpListener,
     routes: tonic::service::Routes,
     config: &ServerConfig,
+    tls: Option<TlsAcceptor>,
     draining: CancellationToken,
 ) -> Drain {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -47,6 +51,7 @@ pub async fn serve(
             .keep_alive_timeout(Duration::from_secs(20));
     }
     let max_age = MaxAge::from_config(config);
+    let tls = tls.map(std::sync::Arc::new);
     let service = TowerToHyperService::new(routes);
     let goaway = CancellationToken::new();
     let mut connection_set = JoinSet::new();
@@ -68,8 +73,22 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
-        let conn = http2.serve_connection(TokioIo::new(stream), service.clone());
-        connection_set.spawn(drive(conn, goaway.clone(), max_age));
+        let (http2, service, goaway, tls) = (http2.clone(), service.clone(), goaway.clone(), tls.clone());
+        connection_set.spawn(async move {
+            // The handshake runs in the connection's task, so a slow client
+            // never holds up the accept loop.
+            let stream = match tls {
+                None => Stream::Plain(stream),
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            drive(http2.serve_connection(TokioIo::new(stream), service), goaway, max_age).await;
+        });
         // Reap finished connections so the set does not grow with them.
         while connection_set.try_join_next().is_some() {}
     }

@@ -210,6 +210,15 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     if !(0.0..=1.0).contains(&t.sample_ratio) {
         return Err((p(&["telemetry", "sample_ratio"]), "must be between 0 and 1".into()));
     }
+    if let Some(tls) = &c.server.tls {
+        let paths = [("cert_file", Some(&tls.cert_file)), ("key_file", Some(&tls.key_file))];
+        let ca = [("client_ca_file", tls.client_ca_file.as_ref())];
+        for (key, path) in paths.into_iter().chain(ca) {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err((p(&["server", "tls", key]), "must name a PEM file".into()));
+            }
+        }
+    }
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
     }

@@ -1,7 +1,7 @@
 //! The shape of the config file. Every key is documented in
 //! `config/example.yaml`; unknown keys are refused so a typo is not ignored.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 
@@ -51,6 +51,27 @@ pub struct ServerConfig {
     /// before the connection is closed.
     #[serde(deserialize_with = "duration")]
     pub max_connection_age_grace: Duration,
+    /// TLS on the call listeners (gRPC, and the HTTP front door); absent: plain text.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for a change; 0: never.
+    #[serde(default = "default_tls_reload", deserialize_with = "duration")]
+    pub reload_interval: Duration,
+}
+
+fn default_tls_reload() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Default for ServerConfig {
@@ -62,6 +83,7 @@ impl Default for ServerConfig {
             http2_keepalive_interval: Duration::from_secs(30),
             max_connection_age: Duration::ZERO,
             max_connection_age_grace: Duration::from_secs(600),
+            tls: None,
         }
     }
 }

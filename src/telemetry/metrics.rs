@@ -53,6 +53,11 @@ pub struct AttemptLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
 }
@@ -85,6 +90,8 @@ pub struct Metrics {
     cancelled: Family<ModelLabels, Counter>,
     dropped_spans: Counter,
     pub routing: super::routing_metrics::RoutingMetrics,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -146,6 +153,18 @@ impl Metrics {
             dropped_spans.clone(),
         );
         let routing = super::routing_metrics::RoutingMetrics::register(&mut registry);
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "llm_gateway_config_reloads",
+            "Config reloads (SIGHUP or a changed file) by outcome: ok, invalid",
+            config_reloads.clone(),
+        );
+        let tls_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "llm_gateway_tls_reloads",
+            "Reloads of changed TLS files by outcome: ok, error",
+            tls_reloads.clone(),
+        );
         Self {
             registry,
             routing,
@@ -158,7 +177,17 @@ impl Metrics {
             in_flight,
             cancelled,
             dropped_spans,
+            config_reloads,
+            tls_reloads,
         }
+    }
+
+    pub fn config_reloaded(&self, outcome: &'static str) {
+        self.config_reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn tls_reloaded(&self, outcome: &'static str) {
+        self.tls_reloads.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// The Prometheus text exposition.

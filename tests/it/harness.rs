@@ -303,8 +303,16 @@ impl RawH2 {
         if abortive {
             tcp.set_zero_linger().expect("SO_LINGER 0");
         }
+        Self::over(addr, tcp).await
+    }
+
+    /// The HTTP/2 handshake over a connection already made (a TLS one, say).
+    pub(crate) async fn over<IO>(addr: SocketAddr, io: IO) -> Self
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (send, conn) =
-            within(WAIT, "the HTTP/2 handshake", h2::client::handshake(tcp)).await.expect("HTTP/2 handshake");
+            within(WAIT, "the HTTP/2 handshake", h2::client::handshake(io)).await.expect("HTTP/2 handshake");
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });

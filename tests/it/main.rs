@@ -21,5 +21,6 @@ mod service;
 mod shutdown;
 mod sse;
 mod streaming;
+mod tls;
 mod tools;
 mod trace;

@@ -60,9 +60,10 @@ The ServiceAccount the pods run as.
 {{- end }}
 
 {{/*
-Where the pod mounts what it reads.
+Where the pod mounts what it reads: sibling directories, since a mount
+inside a ConfigMap or Secret volume (read-only) cannot be created.
 */}}
-{{- define "llm-gateway.configDir" -}}/etc/llm-gateway{{- end }}
+{{- define "llm-gateway.configDir" -}}/etc/llm-gateway/config{{- end }}
 {{- define "llm-gateway.tlsDir" -}}/etc/llm-gateway/tls{{- end }}
 {{- define "llm-gateway.clientCaDir" -}}/etc/llm-gateway/client-ca{{- end }}
 
