@@ -13,7 +13,9 @@
 //!    delta; one client span and attempt metrics per upstream attempt.
 //! 6. `providers` — one wire format each, HTTP/SSE to the upstream.
 //!
-//! Beside them: `admin` (healthz, readyz, metrics) and `telemetry`.
+//! Beside them: `admin` (healthz, readyz, metrics), `telemetry`, `tls`
+//! (certificates reloaded for new handshakes) and `reload` (the config file
+//! reloaded into `core`'s swappable snapshot: router and keys).
 
 use std::{
     net::SocketAddr,
@@ -21,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::ServingStatus;
@@ -29,8 +32,9 @@ use crate::{
     admin::{self, AdminState},
     api::{GatewayService, pb},
     config::Config,
-    core::{Core, Keys},
+    core::{Core, Keys, Live},
     providers::ProviderError,
+    reload,
     routing::Router,
     server,
     telemetry::metrics::Metrics,
@@ -93,17 +97,34 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
+    run_with(config, None, listeners, shutdown).await
+}
+
+/// What a config reload swaps in: the routes (and their providers) and the
+/// client keys, built from `config`.
+fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live, AppError> {
+    let router = Router::new(config, metrics.clone()).map_err(|(name, e)| AppError::Provider(name, e))?;
+    Ok(Live { router, keys: Keys::new(&config.api_keys) })
+}
+
+/// [`run`], reloading the config from `source` (when given) on request and
+/// when the file changes.
+pub async fn run_with(
+    config: Config,
+    source: Option<reload::Source>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new());
     let tls = config.server.tls.as_ref().map(Tls::load).transpose()?;
-    let router = Router::new(&config, metrics.clone()).map_err(|(name, e)| AppError::Provider(name, e))?;
+    let live = build_live(&config, &metrics)?;
     let draining = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     // Counts the gateway's calls in flight, so the drain knows when the
     // cancelled ones have ended.
     let calls = TaskTracker::new();
     let core = Arc::new(Core {
-        router,
-        keys: Keys::new(&config.api_keys),
+        live: ArcSwap::from_pointee(live),
         metrics: metrics.clone(),
         default_timeout: config.server.default_timeout,
         record_content: config.telemetry.record_content,
@@ -126,7 +147,7 @@ pub async fn run(
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(core)));
+        .add_service(pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(core.clone())));
 
     let admin_state = Arc::new(AdminState { ready: false.into(), metrics: metrics.clone() });
     let admin_stop = CancellationToken::new();
@@ -177,7 +198,20 @@ pub async fn run(
             tls.clone().watch(files.reload_interval, metrics.clone(), draining.clone()).await;
         }
     };
-    let (admin_result, (), ()) = tokio::join!(admin_run, grpc_run, tls_watch);
+    // Models, providers and keys follow the file until the drain; a call
+    // keeps the snapshot it started with.
+    let reload_watch = async {
+        if let Some(source) = source {
+            let apply = |c: &Config| {
+                let live = build_live(c, &metrics).map_err(|e| e.to_string())?;
+                core.live.store(Arc::new(live));
+                Ok(())
+            };
+            reload::watch(source, config.server.config_reload_interval, &metrics, draining.clone(), apply)
+                .await;
+        }
+    };
+    let (admin_result, (), (), ()) = tokio::join!(admin_run, grpc_run, tls_watch, reload_watch);
     admin_result.map_err(AppError::Admin)?;
     tracing::info!("stopped");
     Ok(())

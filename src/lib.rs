@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod core;
 pub mod providers;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod telemetry;

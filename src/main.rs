@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use llm_gateway::{app, config, telemetry};
+use llm_gateway::{app, config, reload, telemetry};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -31,10 +31,12 @@ enum Command {
     },
 }
 
-fn load(path: Option<&PathBuf>) -> Result<config::Config, config::ConfigError> {
+/// The config to serve, and the file to reload it from (none for the
+/// embedded default).
+fn load(path: Option<PathBuf>) -> Result<(config::Config, Option<reload::Source>), config::ConfigError> {
     match path {
-        Some(p) => config::load_file(p),
-        None => config::load_default(),
+        Some(p) => reload::Source::read(p).map(|(source, c)| (c, Some(source))),
+        None => config::load_default().map(|c| (c, None)),
     }
 }
 
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
             }
         }
         None | Some(Command::Serve) => {
-            let config = match load(cli.config.as_ref()) {
+            let (config, source) = match load(cli.config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -78,13 +80,19 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, source))
         }
     }
 }
 
-async fn serve(config: config::Config) -> ExitCode {
+async fn serve(config: config::Config, mut source: Option<reload::Source>) -> ExitCode {
     let shutdown = shutdown_signal();
+    // SIGHUP asks for a reload; one pending request is enough.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    if let Some(s) = source.as_mut() {
+        s.requests = Some(reload_rx);
+    }
+    let hangups = hangup_signals(reload_tx);
     let telemetry = match telemetry::init(&config.telemetry) {
         Ok(t) => t,
         Err(e) => {
@@ -100,7 +108,10 @@ async fn serve(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = app::run(config, listeners, shutdown).await;
+    let result = tokio::select! {
+        r = app::run_with(config, source, listeners, shutdown) => r,
+        () = hangups => Ok(()),
+    };
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -137,5 +148,37 @@ fn shutdown_signal() -> impl Future<Output = ()> {
         async {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Forwards each SIGHUP to `tx` as a reload request. Never returns while the
+/// handler is installed; without one (not unix, or it failed), stays pending
+/// so that it never ends the serving it is raced against.
+fn hangup_signals(tx: tokio::sync::mpsc::Sender<()>) -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let handler = signal(SignalKind::hangup());
+        async move {
+            match handler {
+                Ok(mut hup) => {
+                    while hup.recv().await.is_some() {
+                        // Full: a reload is already pending, which will read
+                        // the file as it is now.
+                        let _ = tx.try_send(());
+                    }
+                    std::future::pending::<()>().await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no SIGHUP handler: reload only when the file changes");
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        drop(tx);
+        std::future::pending::<()>()
     }
 }

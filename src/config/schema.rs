@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub max_connection_age_grace: Duration,
     /// TLS on the call listeners (gRPC, and the HTTP front door); absent: plain text.
     pub tls: Option<TlsConfig>,
+    /// How often the config file is checked for a change to reload; 0: only on SIGHUP.
+    #[serde(deserialize_with = "duration")]
+    pub config_reload_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -84,6 +87,7 @@ impl Default for ServerConfig {
             max_connection_age: Duration::ZERO,
             max_connection_age_grace: Duration::from_secs(600),
             tls: None,
+            config_reload_interval: Duration::from_secs(5),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod validate;
 
 use std::{sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use auth::{Caller, INVALID_KEY, Keys, MISSING_KEY};
@@ -28,10 +29,19 @@ pub use stream::CallStream;
 
 use crate::{routing::Router, telemetry::metrics::Metrics};
 
-/// What every call needs, shared by all of them and by every front door.
-pub struct Core {
+/// What a config reload replaces, all at once: models and providers (the
+/// router) and the client keys. A call takes the snapshot once, when it
+/// starts, and keeps it to its end, so a reload never changes a call in
+/// flight.
+pub struct Live {
     pub router: Router,
     pub keys: Keys,
+}
+
+/// What every call needs, shared by all of them and by every front door.
+pub struct Core {
+    /// The reloadable part of the config (see [`Live`]).
+    pub live: ArcSwap<Live>,
     pub metrics: Arc<Metrics>,
     /// The deadline of a call whose caller asked for none; 0: none.
     pub default_timeout: Duration,

@@ -60,7 +60,10 @@ impl Core {
         if self.draining.is_cancelled() {
             return Err(CallError::ShuttingDown);
         }
-        let caller = self.keys.check(authorization)?;
+        // The call's one look at the reloadable config: it keeps this
+        // snapshot however the config changes while it runs.
+        let live = self.live.load_full();
+        let caller = live.keys.check(authorization)?;
         if let Some(name) = &caller.key_name {
             call.set_key(name);
         }
@@ -68,7 +71,7 @@ impl Core {
         if model.is_empty() {
             return Err(CallError::invalid("model", "must name a configured model"));
         }
-        if self.router.route(model).is_none() {
+        if live.router.route(model).is_none() {
             return Err(CallError::ModelNotFound(model.to_owned()));
         }
         call.set_model(model);
@@ -87,7 +90,7 @@ impl Core {
         // Admission's per-call ticket goes here (issue 12); until then, no limits.
         let mut gate = crate::admission::Open;
         let routed =
-            match self.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut gate).await {
+            match live.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut gate).await {
                 Ok(r) => r,
                 Err(e) => {
                     // The caller learns which target failed last.
@@ -185,11 +188,12 @@ impl Core {
 
     /// The models the caller may use, by name.
     pub fn models(&self, call: &mut Call, authorization: Option<&str>) -> Result<Vec<ModelInfo>, CallError> {
-        let caller = self.keys.check(authorization)?;
+        let live = self.live.load();
+        let caller = live.keys.check(authorization)?;
         if let Some(name) = &caller.key_name {
             call.set_key(name);
         }
-        let mut models: Vec<ModelInfo> = self
+        let mut models: Vec<ModelInfo> = live
             .router
             .models()
             .filter(|(name, _)| caller.may_use(name))

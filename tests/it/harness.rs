@@ -145,6 +145,22 @@ impl Gateway {
         Self { grpc, admin, stop: Some(stop), run: Some(run) }
     }
 
+    /// Starts a gateway on `text` (a whole config) read from `path`, which it
+    /// reloads on each message of `requests` and when the file changes.
+    async fn start_reloading(path: std::path::PathBuf, requests: mpsc::Receiver<()>) -> Self {
+        let (mut source, config) = llm_gateway::reload::Source::read(path)
+            .unwrap_or_else(|e| panic!("the test config is invalid: {e}"));
+        source.requests = Some(requests);
+        let listeners = Listeners::bind(&config).await.expect("bind the gateway's listeners");
+        let grpc = listeners.grpc_addr().expect("gRPC address");
+        let admin = listeners.admin_addr().expect("admin address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = tokio::spawn(app::run_with(config, Some(source), listeners, async move {
+            let _ = stopped.await;
+        }));
+        Self { grpc, admin, stop: Some(stop), run: Some(run) }
+    }
+
     /// [`config`] pointed at `base_url`.
     pub(crate) async fn with_upstream(base_url: &str) -> Self {
         Self::start(&config(base_url)).await
@@ -173,6 +189,45 @@ impl Gateway {
     pub(crate) async fn stopped(&mut self) -> Result<(), AppError> {
         let run = self.run.take().expect("stopped() is called once");
         run.await.expect("app::run panicked")
+    }
+}
+
+/// A gateway in this process serving a config file, as the binary does:
+/// reloaded on [`Reloading::request`] (what SIGHUP sends) and when the file
+/// changes (checked every `server.config_reload_interval`).
+pub(crate) struct Reloading {
+    pub gw: Gateway,
+    path: std::path::PathBuf,
+    requests: mpsc::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Reloading {
+    /// `yaml` must not set `listen` or `admin_listen`.
+    pub(crate) async fn start(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, Self::text(yaml)).expect("write the config");
+        let (requests, rx) = mpsc::channel(1);
+        let gw = Gateway::start_reloading(path.clone(), rx).await;
+        Self { gw, path, requests, _dir: dir }
+    }
+
+    fn text(yaml: &str) -> String {
+        format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}")
+    }
+
+    /// Replaces the file with `yaml` (same listen lines) in one rename, as a
+    /// ConfigMap update does.
+    pub(crate) fn write(&self, yaml: &str) {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, Self::text(yaml)).expect("write the config");
+        std::fs::rename(&tmp, &self.path).expect("rename the config");
+    }
+
+    /// Asks for a reload, as SIGHUP does.
+    pub(crate) async fn request(&self) {
+        within(WAIT, "the reload request", self.requests.send(())).await.expect("the gateway listens");
     }
 }
 
@@ -579,6 +634,21 @@ impl Binary {
 
     pub(crate) fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// The config file it serves.
+    pub(crate) fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("gateway.yaml")
+    }
+
+    /// Replaces its config file with `yaml` (same listen lines as at start)
+    /// in one rename.
+    pub(crate) fn rewrite_config(&self, yaml: &str) {
+        let path = self.config_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n{yaml}"))
+            .expect("write the config");
+        std::fs::rename(&tmp, &path).expect("rename the config");
     }
 }
 

@@ -16,6 +16,7 @@ mod errors;
 mod fallback;
 mod headers;
 mod metrics;
+mod reload;
 mod routing;
 mod service;
 mod shutdown;
