@@ -168,6 +168,14 @@ pub struct Delta {
     pub finish: Option<Finish>,
 }
 
+impl Delta {
+    /// Whether it holds any of the answer: text, reasoning or a tool-call
+    /// fragment (a delta with only an id or a model does not).
+    pub fn has_output(&self) -> bool {
+        !self.content.is_empty() || !self.reasoning.is_empty() || !self.tool_calls.is_empty()
+    }
+}
+
 /// The end of an answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Finish {

@@ -330,8 +330,7 @@ impl Translate for Translator {
             }
         }
         let informative = delta.id.is_some() || delta.model.is_some();
-        let empty = delta.content.is_empty() && delta.reasoning.is_empty() && delta.tool_calls.is_empty();
-        if empty && self.started && !informative {
+        if !delta.has_output() && self.started && !informative {
             return Ok(None);
         }
         self.started = true;

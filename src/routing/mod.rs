@@ -54,7 +54,7 @@ pub struct Route {
     hedge_after: Option<Duration>,
 }
 
-/// Reads until the first delta that carries text, reasoning, a tool call or the end,
+/// Reads until the first delta that carries text, a tool call or the end,
 /// folding the id and model of empty ones (role chunks, message_start) into it.
 async fn first_delta(stream: &mut providers::DeltaStream) -> Option<Result<Delta, ProviderError>> {
     let mut id = None;
@@ -62,11 +62,7 @@ async fn first_delta(stream: &mut providers::DeltaStream) -> Option<Result<Delta
     loop {
         match stream.next().await? {
             Ok(mut d) => {
-                if d.content.is_empty()
-                    && d.reasoning.is_empty()
-                    && d.tool_calls.is_empty()
-                    && d.finish.is_none()
-                {
+                if !d.has_output() && d.finish.is_none() {
                     id = id.or(d.id);
                     model = model.or(d.model);
                     continue;
