@@ -353,7 +353,9 @@ impl Translate for Translator {
             {
                 Some(self.first(Delta { reasoning: thinking, ..Delta::default() }))
             }
-            WireEvent::ContentBlockDelta { index, delta: BlockDelta::InputJsonDelta { partial_json } } => {
+            WireEvent::ContentBlockDelta { index, delta: BlockDelta::InputJsonDelta { partial_json } }
+                if !partial_json.is_empty() =>
+            {
                 let Some(&tool) = self.tool_index.get(&index) else {
                     return Err(ProviderError::Protocol(format!(
                         "input_json_delta for content block {index}, which is not a tool_use block"

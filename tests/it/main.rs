@@ -13,6 +13,7 @@ mod config;
 mod deadline;
 mod errors;
 mod fallback;
+mod golden;
 mod headers;
 mod metrics;
 mod routing;
