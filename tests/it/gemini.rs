@@ -4,7 +4,7 @@
 //! cumulative usage, thoughts billed as output, STOP after a function call,
 //! whole function calls with no id, results sent back by name, a blocked
 //! prompt answered with HTTP 200, unknown finish reasons, candidate 0 only;
-//! and fallback, cancellation and tracing as for the other kinds.
+//! and retries, fallback, cancellation and tracing as for the other kinds.
 
 use std::time::{Duration, Instant};
 
@@ -384,4 +384,28 @@ async fn a_field_gemini_cannot_carry_is_refused_by_name_before_any_upstream_call
         assert!(status.message().contains(field), "names {field}: {status:?}");
     }
     assert!(up.requests().is_empty(), "nothing was sent upstream");
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_retried_on_the_same_gemini_target() {
+    let up = Upstream::with(|i, _| match i {
+        0 => Reply::json(500, &json!({"error": {"code": 500, "message": "internal", "status": "INTERNAL"}})),
+        _ => Reply::events(&gemini::answer("r", "gemini-2.5-flash", &["second try"], "STOP", 1, 2)),
+    })
+    .await;
+    let yaml = gemini_config(&up).replacen(
+        "    retry: { attempts: 1 }\n",
+        "    retry: { attempts: 2, initial_backoff: 1ms, max_backoff: 1ms }\n",
+        1,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut client = gw.client().await;
+    let got = stream_call(&mut client, stream_request("gem", "hi")).await;
+    got.end.as_ref().expect("the retry answers");
+    assert_eq!(got.text(), "second try");
+    let requests = up.requests();
+    assert_eq!(requests.len(), 2, "one retry on the same target");
+    for r in &requests {
+        assert_gemini_request(r, "gemini-2.5-flash");
+    }
 }
