@@ -81,8 +81,8 @@ impl Provider for Gemini {
     }
 }
 
-/// Percent-encodes what a URL path must not hold raw; `/` stays (resource
-/// names have it), and so does `:` (the method separator follows).
+/// Percent-encodes what a URL path must not hold raw, `:` included (the
+/// `:method` suffix is added after); `/` stays, as resource names have it.
 fn escape_path(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -136,8 +136,8 @@ pub(crate) fn body(req: &ChatRequest, reasoning: Option<&ReasoningConfig>) -> Re
     if !config.is_empty() {
         body.insert("generationConfig".into(), config.into());
     }
-    // `user` has no place in this API; the gateway keeps it for its own
-    // attribution (see the README's field matrix).
+    // `user` has no place in this API and does not shape the answer: it is
+    // not sent (the README's field matrix says so).
     Ok(Value::Object(body))
 }
 
@@ -416,7 +416,7 @@ impl Translator {
             for part in c.content.map(|c| c.parts).unwrap_or_default() {
                 if let Some(call) = part.function_call {
                     let index = self.tool_calls;
-                    self.tool_calls += 1;
+                    self.tool_calls = self.tool_calls.saturating_add(1);
                     let id = call.id.filter(|id| !id.is_empty());
                     delta.tool_calls.push(ToolCallDelta {
                         index,
