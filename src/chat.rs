@@ -118,13 +118,21 @@ impl FinishReason {
     }
 }
 
+/// Token counts of one answer. Cached input is part of `input_tokens` and
+/// reasoning is part of `output_tokens`: each is also counted on its own, 0
+/// when the provider does not say.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Input tokens read from the provider's prompt cache.
+    pub cached_input_tokens: u32,
+    /// Output tokens spent on reasoning (thinking).
+    pub reasoning_tokens: u32,
 }
 
 impl Usage {
+    /// Input plus output: what the call consumed.
     pub fn total(&self) -> u32 {
         self.input_tokens.saturating_add(self.output_tokens)
     }
@@ -140,8 +148,9 @@ pub struct ToolCallDelta {
 }
 
 /// One step of an answer as it streams. Providers emit a delta for every
-/// upstream event that carries text or tool-call fragments, and exactly one
-/// final delta with `finish` set (holding the finish reason and usage).
+/// upstream event that carries text, reasoning or tool-call fragments, and
+/// exactly one final delta with `finish` set (holding the finish reason and
+/// usage).
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     /// The upstream's response id, when it has told us (first delta).
@@ -149,8 +158,18 @@ pub struct Delta {
     /// The upstream model that answers, when it has told us (first delta).
     pub model: Option<String>,
     pub content: String,
+    /// The model's reasoning (thinking) text: never part of `content`.
+    pub reasoning: String,
     pub tool_calls: Vec<ToolCallDelta>,
     pub finish: Option<Finish>,
+}
+
+impl Delta {
+    /// Whether it holds any of the answer: text, reasoning or a tool-call
+    /// fragment (a delta with only an id or a model does not).
+    pub fn has_output(&self) -> bool {
+        !self.content.is_empty() || !self.reasoning.is_empty() || !self.tool_calls.is_empty()
+    }
 }
 
 /// The end of an answer.

@@ -200,6 +200,8 @@ pub fn usage(u: crate::chat::Usage) -> pb::Usage {
         output_tokens: u.output_tokens,
         total_tokens: u.total(),
         cost_usd: 0.0,
+        cached_input_tokens: u.cached_input_tokens,
+        reasoning_tokens: u.reasoning_tokens,
     }
 }
 
@@ -208,6 +210,7 @@ pub fn stream_message(d: Delta, id: String) -> pb::StreamCompletionResponse {
     pb::StreamCompletionResponse {
         id,
         content: d.content,
+        reasoning: d.reasoning,
         tool_calls: d
             .tool_calls
             .into_iter()

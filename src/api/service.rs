@@ -45,6 +45,7 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
                     model: call.upstream_model().map(|m| m.to_string()).unwrap_or_default(),
                     provider: call.provider().map(|p| p.to_string()).unwrap_or_default(),
                     content: answer.content,
+                    reasoning: answer.reasoning,
                     tool_calls,
                     finish_reason: convert::finish_reason(answer.finish.reason) as i32,
                     usage: Some(convert::usage(answer.finish.usage)),

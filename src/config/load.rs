@@ -3,7 +3,7 @@
 
 use std::{fmt, path::Path};
 
-use super::schema::{Config, ProviderKind};
+use super::schema::{Config, ProviderConfig, ProviderKind, ReasoningConfig};
 
 const DEFAULT: &str = include_str!("default.yaml");
 
@@ -152,6 +152,13 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 "must be more than 0 (set `failures: 0` to turn the breaker off)".into(),
             ));
         }
+        if let Some(r) = &provider.reasoning {
+            reasoning(provider, r).map_err(|(key, m)| {
+                let mut path = p(&["providers", name, "reasoning"]);
+                path.extend(key.map(str::to_owned));
+                (path, m)
+            })?;
+        }
     }
     for (name, model) in &c.models {
         if model.targets.is_empty() {
@@ -242,11 +249,35 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Checks `providers.*.reasoning`; the error names a key under it, if one.
+fn reasoning(provider: &ProviderConfig, r: &ReasoningConfig) -> Result<(), (Option<&'static str>, String)> {
+    match provider.kind {
+        ProviderKind::Gemini => Ok(()),
+        ProviderKind::Anthropic => match r.budget_tokens {
+            None => Err((Some("budget_tokens"), "is required for anthropic (its `thinking.budget_tokens`)".into())),
+            Some(b) if b < 1024 => Err((Some("budget_tokens"), "must be at least 1024 for anthropic".into())),
+            Some(b) if b >= provider.default_max_tokens => Err((
+                Some("budget_tokens"),
+                format!(
+                    "must be below default_max_tokens ({}): Anthropic counts thinking in max_tokens",
+                    provider.default_max_tokens
+                ),
+            )),
+            Some(_) => Ok(()),
+        },
+        ProviderKind::Openai | ProviderKind::Mock => Err((
+            None,
+            "applies to kind gemini and anthropic only; an OpenAI-compatible server's reasoning text is forwarded unasked".into(),
+        )),
+    }
+}
+
 /// The public endpoint of a vendor's API.
 pub fn default_base_url(kind: ProviderKind) -> &'static str {
     match kind {
         ProviderKind::Openai => "https://api.openai.com/v1",
         ProviderKind::Anthropic => "https://api.anthropic.com/v1",
+        ProviderKind::Gemini => "https://generativelanguage.googleapis.com/v1beta",
         ProviderKind::Mock => "",
     }
 }
@@ -387,6 +418,36 @@ api_keys:
         let text = GOOD.replace("provider: openai,", "provider: nope,");
         let e = parse(&text, None).unwrap_err();
         assert_eq!(e.line, Some(12), "{e}");
+    }
+
+    #[test]
+    fn gemini_and_reasoning() {
+        let gemini = "  g:\n    kind: gemini\n    api_key_env: GEMINI_API_KEY\n    reasoning: { budget_tokens: 512 }\n";
+        let text = GOOD.replace("  m:\n", &format!("{gemini}  m:\n"));
+        let c = parse(&text, None).unwrap();
+        assert_eq!(c.providers["g"].kind, ProviderKind::Gemini);
+        assert_eq!(c.providers["g"].reasoning.as_ref().and_then(|r| r.budget_tokens), Some(512));
+        assert_eq!(
+            default_base_url(ProviderKind::Gemini),
+            "https://generativelanguage.googleapis.com/v1beta"
+        );
+
+        let text = GOOD.replace(
+            "    api_key_env: OPENAI_API_KEY\n",
+            "    api_key_env: OPENAI_API_KEY\n    reasoning: {}\n",
+        );
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!((e.key.as_deref(), e.line), (Some("providers.openai.reasoning"), Some(7)), "{e}");
+
+        let claude = "  c:\n    kind: anthropic\n    default_max_tokens: 2000\n    reasoning:\n      budget_tokens: 4000\n";
+        let text = GOOD.replace("  m:\n", &format!("{claude}  m:\n"));
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.line),
+            (Some("providers.c.reasoning.budget_tokens"), Some(11)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("default_max_tokens"), "{e}");
     }
 
     #[test]

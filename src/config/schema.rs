@@ -97,6 +97,7 @@ impl Default for ServerConfig {
 pub enum ProviderKind {
     Openai,
     Anthropic,
+    Gemini,
     Mock,
 }
 
@@ -104,7 +105,7 @@ pub enum ProviderKind {
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
-    /// Defaults to the vendor's public API for `openai` and `anthropic`.
+    /// Defaults to the vendor's public API for `openai`, `anthropic` and `gemini`.
     #[serde(default)]
     pub base_url: String,
     /// The environment variable holding the API key; the key itself never
@@ -134,6 +135,21 @@ pub struct ProviderConfig {
     /// Behaviour of a `mock` provider.
     #[serde(default)]
     pub mock: MockConfig,
+    /// Ask the upstream for its reasoning text (`gemini`, `anthropic`).
+    #[serde(default)]
+    pub reasoning: Option<ReasoningConfig>,
+}
+
+/// Asks a model for its reasoning (thinking) text: Gemini's
+/// `thinkingConfig.includeThoughts`, Anthropic's extended `thinking`.
+/// OpenAI-compatible servers send theirs unasked, when they have any.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasoningConfig {
+    /// Tokens the model may spend thinking: Gemini's `thinkingBudget`
+    /// (absent: the model decides), Anthropic's `budget_tokens` (required).
+    #[serde(default)]
+    pub budget_tokens: Option<u32>,
 }
 
 fn default_pool() -> usize {

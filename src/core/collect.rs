@@ -13,6 +13,8 @@ pub struct Answer {
     /// The upstream's response id, or the call's request id.
     pub id: String,
     pub content: String,
+    /// The model's reasoning text, apart from `content`.
+    pub reasoning: String,
     pub tool_calls: Vec<ToolCall>,
     pub finish: Finish,
 }
@@ -21,6 +23,7 @@ pub struct Answer {
 pub(super) struct Collector {
     id: Option<String>,
     content: String,
+    reasoning: String,
     tool_calls: Vec<ToolCall>,
     pub(super) finish: Option<Finish>,
 }
@@ -28,7 +31,9 @@ pub(super) struct Collector {
 impl Collector {
     /// Bytes gathered so far.
     pub(super) fn size(&self) -> usize {
-        self.content.len() + self.tool_calls.iter().map(|c| c.arguments_json.len()).sum::<usize>()
+        self.content.len()
+            + self.reasoning.len()
+            + self.tool_calls.iter().map(|c| c.arguments_json.len()).sum::<usize>()
     }
 
     pub(super) fn push(&mut self, d: Delta) {
@@ -39,6 +44,11 @@ impl Collector {
             self.content = d.content;
         } else {
             self.content.push_str(&d.content);
+        }
+        if self.reasoning.is_empty() {
+            self.reasoning = d.reasoning;
+        } else {
+            self.reasoning.push_str(&d.reasoning);
         }
         for c in d.tool_calls {
             let i = c.index as usize;
@@ -71,6 +81,7 @@ impl Collector {
         Answer {
             id: self.id.unwrap_or_else(|| request_id.to_owned()),
             content: self.content,
+            reasoning: self.reasoning,
             // Indices an upstream skipped leave empty slots behind.
             tool_calls: self
                 .tool_calls

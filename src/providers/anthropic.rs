@@ -1,22 +1,26 @@
 //! Anthropic's Messages API wire format (`POST /messages`, SSE events
-//! `message_start` … `message_stop`).
+//! `message_start` … `message_stop`). A request field the API cannot carry
+//! (`seed`, a JSON `response_format`, a message `name`) is refused by name
+//! before any upstream call, never dropped.
 
 use std::{borrow::Cow, collections::HashMap};
 
 use eventsource_stream::Event;
-use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, future::BoxFuture};
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
     DeltaStream, Provider, ProviderError, UpstreamCall,
-    http::Endpoint,
+    http::{self, Endpoint},
     sse::{self, Translate},
 };
 use crate::{
-    chat::{ChatRequest, Delta, Finish, FinishReason, Role, ToolCallDelta, ToolChoice, Usage},
-    config::ProviderConfig,
+    chat::{
+        ChatRequest, Delta, Finish, FinishReason, ResponseFormat, Role, ToolCallDelta, ToolChoice, Usage,
+    },
+    config::{ProviderConfig, ReasoningConfig},
 };
 
 const VERSION: &str = "2023-06-01";
@@ -27,22 +31,20 @@ pub struct Anthropic {
     /// and debug output).
     key_header: Option<HeaderValue>,
     default_max_tokens: u32,
+    /// Extended thinking, when the config asks for it.
+    thinking_budget: Option<u32>,
 }
 
 impl Anthropic {
     pub fn new(name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
         let endpoint = Endpoint::new(name, config, "/messages")?;
-        let key_header = match &endpoint.api_key {
-            Some(key) => {
-                let mut v = HeaderValue::from_str(key).map_err(|_| {
-                    ProviderError::Setup("the API key holds characters a header cannot carry".into())
-                })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
-        Ok(Self { endpoint, key_header, default_max_tokens: config.default_max_tokens })
+        let key_header = http::key_header(&endpoint)?;
+        Ok(Self {
+            endpoint,
+            key_header,
+            default_max_tokens: config.default_max_tokens,
+            thinking_budget: config.reasoning.as_ref().and_then(|r: &ReasoningConfig| r.budget_tokens),
+        })
     }
 }
 
@@ -57,13 +59,17 @@ impl Provider for Anthropic {
 
     fn stream(&self, call: UpstreamCall) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
         let e = &self.endpoint;
+        let body = match body(&call.request, &call.model, self.default_max_tokens, self.thinking_budget) {
+            Ok(b) => b,
+            Err(refused) => return async move { Err(refused) }.boxed(),
+        };
         let mut request = e
             .client
             .post(&e.url)
             .headers(call.headers)
             .header("anthropic-version", VERSION)
             .header("accept", "text/event-stream")
-            .json(&body(&call.request, &call.model, self.default_max_tokens));
+            .json(&body);
         if let Some(key) = &self.key_header {
             request = request.header("x-api-key", key.clone());
         }
@@ -72,15 +78,35 @@ impl Provider for Anthropic {
 }
 
 /// The request body. System messages move to the top-level `system`; tool
-/// calls and results become content blocks.
-pub(crate) fn body(req: &ChatRequest, model: &str, default_max_tokens: u32) -> Value {
+/// calls and results become content blocks. A field the API has no place
+/// for is refused, naming it.
+pub(crate) fn body(
+    req: &ChatRequest,
+    model: &str,
+    default_max_tokens: u32,
+    thinking_budget: Option<u32>,
+) -> Result<Value, ProviderError> {
+    if req.seed.is_some() {
+        return Err(ProviderError::refused("seed", "Anthropic's Messages API has no seed"));
+    }
+    if !matches!(req.response_format, ResponseFormat::Text) {
+        return Err(ProviderError::refused(
+            "response_format",
+            "Anthropic's Messages API (2023-06-01) has no JSON output mode; only TYPE_TEXT is accepted",
+        ));
+    }
     let system: Vec<&str> =
         req.messages.iter().filter(|m| m.role == Role::System).map(|m| m.content.as_str()).collect();
-    let messages: Vec<Value> = req
-        .messages
-        .iter()
-        .filter(|m| m.role != Role::System)
-        .map(|m| match m.role {
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        if !m.name.is_empty() {
+            return Err(ProviderError::refused(
+                format_args!("messages[{i}].name"),
+                "Anthropic's Messages API has no participant name",
+            ));
+        }
+        messages.push(match m.role {
+            Role::System => continue,
             Role::Tool => json!({"role": "user", "content": [{
                 "type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content,
             }]}),
@@ -89,15 +115,20 @@ pub(crate) fn body(req: &ChatRequest, model: &str, default_max_tokens: u32) -> V
                 if !m.content.is_empty() {
                     blocks.push(json!({"type": "text", "text": m.content}));
                 }
-                for c in &m.tool_calls {
-                    let input: Value = serde_json::from_str(&c.arguments_json).unwrap_or_else(|_| json!({}));
+                for (j, c) in m.tool_calls.iter().enumerate() {
+                    let input = http::json_object(&c.arguments_json).ok_or_else(|| {
+                        ProviderError::refused(
+                            format_args!("messages[{i}].tool_calls[{j}].arguments_json"),
+                            "Anthropic takes a tool call's input as a JSON object only",
+                        )
+                    })?;
                     blocks.push(json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}));
                 }
                 json!({"role": "assistant", "content": blocks})
             }
             _ => json!({"role": m.role.as_str(), "content": m.content}),
-        })
-        .collect();
+        });
+    }
     let mut body = json!({
         "model": model,
         "messages": messages,
@@ -105,8 +136,11 @@ pub(crate) fn body(req: &ChatRequest, model: &str, default_max_tokens: u32) -> V
         "stream": true,
     });
     let Some(obj) = body.as_object_mut() else {
-        return body;
+        return Ok(body);
     };
+    if let Some(budget) = thinking_budget {
+        obj.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": budget}));
+    }
     if !system.is_empty() {
         obj.insert("system".into(), system.join("\n\n").into());
     }
@@ -140,7 +174,7 @@ pub(crate) fn body(req: &ChatRequest, model: &str, default_max_tokens: u32) -> V
     if let Some(choice) = choice {
         obj.insert("tool_choice".into(), choice);
     }
-    body
+    Ok(body)
 }
 
 #[derive(Deserialize)]
@@ -193,6 +227,17 @@ enum Block {
         #[serde(default)]
         name: String,
     },
+    /// Opens empty when streamed; text there would be the first piece.
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    Thinking {
+        #[serde(default)]
+        thinking: String,
+    },
+    /// `redacted_thinking` (encrypted) and server tool blocks: nothing a
+    /// caller can read.
     #[serde(other)]
     Other,
 }
@@ -206,6 +251,11 @@ enum BlockDelta {
     InputJsonDelta {
         partial_json: String,
     },
+    ThinkingDelta {
+        thinking: String,
+    },
+    /// `signature_delta` (the thinking block's signature) and
+    /// `citations_delta`: our API has no field for them.
     #[serde(other)]
     Other,
 }
@@ -251,13 +301,15 @@ impl Translator {
     }
 
     fn add_usage(&mut self, u: WireUsage) {
-        // Anthropic counts cached input apart; callers want all input.
+        // Anthropic counts cached input apart; callers want all input, with
+        // the cache reads also on their own (cache writes stay in input only).
         let input = u.input_tokens.map(|i| {
             i.saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
                 .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
         });
         if let Some(i) = input.filter(|i| *i > 0) {
             self.usage.input_tokens = i;
+            self.usage.cached_input_tokens = u.cache_read_input_tokens.unwrap_or(0);
         }
         // `message_delta` carries the cumulative output count.
         if let Some(o) = u.output_tokens {
@@ -289,10 +341,21 @@ impl Translate for Translator {
                 let call = ToolCallDelta { index: tool, id, name, arguments_delta: String::new() };
                 Some(self.first(Delta { tool_calls: vec![call], ..Delta::default() }))
             }
-            WireEvent::ContentBlockDelta { delta: BlockDelta::TextDelta { text }, .. } => {
+            WireEvent::ContentBlockStart { content_block: Block::Text { text }, .. }
+            | WireEvent::ContentBlockDelta { delta: BlockDelta::TextDelta { text }, .. }
+                if !text.is_empty() =>
+            {
                 Some(self.first(Delta { content: text, ..Delta::default() }))
             }
-            WireEvent::ContentBlockDelta { index, delta: BlockDelta::InputJsonDelta { partial_json } } => {
+            WireEvent::ContentBlockStart { content_block: Block::Thinking { thinking }, .. }
+            | WireEvent::ContentBlockDelta { delta: BlockDelta::ThinkingDelta { thinking }, .. }
+                if !thinking.is_empty() =>
+            {
+                Some(self.first(Delta { reasoning: thinking, ..Delta::default() }))
+            }
+            WireEvent::ContentBlockDelta { index, delta: BlockDelta::InputJsonDelta { partial_json } }
+                if !partial_json.is_empty() =>
+            {
                 let Some(&tool) = self.tool_index.get(&index) else {
                     return Err(ProviderError::Protocol(format!(
                         "input_json_delta for content block {index}, which is not a tool_use block"
@@ -384,7 +447,7 @@ mod tests {
         let last = t.event(ev(r#"{"type":"message_stop"}"#)).unwrap().unwrap();
         let f = last.finish.unwrap();
         assert_eq!(f.reason, Some(FinishReason::Length));
-        assert_eq!(f.usage, Usage { input_tokens: 12, output_tokens: 9 });
+        assert_eq!(f.usage, Usage { input_tokens: 12, output_tokens: 9, ..Usage::default() });
     }
 
     #[test]
@@ -411,6 +474,71 @@ mod tests {
             .unwrap();
         assert_eq!(d.tool_calls[0].index, 0);
         assert_eq!(d.tool_calls[0].arguments_delta, "{\"a\"");
+    }
+
+    #[test]
+    fn thinking_and_cache_reads() {
+        let mut t = Translator::default();
+        t.event(ev(r#"{"type":"message_start","message":{"id":"m","model":"claude","usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":100,"output_tokens":1}}}"#))
+            .unwrap();
+        assert!(
+            t.event(ev(r#"{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}"#))
+                .unwrap()
+                .is_none()
+        );
+        let d = t
+            .event(ev(r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Let me see"}}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.reasoning.as_str(), d.content.as_str()), ("Let me see", ""));
+        assert!(
+            t.event(ev(r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQB"}}"#))
+                .unwrap()
+                .is_none(),
+            "signatures are not text"
+        );
+        assert!(
+            t.event(ev(r#"{"type":"content_block_start","index":1,"content_block":{"type":"redacted_thinking","data":"xyz"}}"#))
+                .unwrap()
+                .is_none()
+        );
+        t.event(ev(
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":30}}"#,
+        ))
+        .unwrap();
+        let f = t.event(ev(r#"{"type":"message_stop"}"#)).unwrap().unwrap().finish.unwrap();
+        assert_eq!(
+            f.usage,
+            Usage { input_tokens: 115, output_tokens: 30, cached_input_tokens: 100, reasoning_tokens: 0 }
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_carry() {
+        let base = || ChatRequest { messages: vec![Message::new(Role::User, "q")], ..ChatRequest::default() };
+        let refused = |req: ChatRequest| match body(&req, "c", 100, None) {
+            Err(e) => {
+                assert!(e.is_invalid_request() && !e.retryable(), "{e}");
+                e.to_string()
+            }
+            Ok(b) => panic!("accepted: {b}"),
+        };
+        assert!(refused(ChatRequest { seed: Some(1), ..base() }).contains("seed:"));
+        assert!(
+            refused(ChatRequest { response_format: ResponseFormat::JsonObject, ..base() })
+                .contains("response_format:")
+        );
+        let mut named = base();
+        named.messages[0].name = "bob".into();
+        assert!(refused(named).contains("messages[0].name:"));
+        let mut assistant = Message::new(Role::Assistant, "");
+        assistant.tool_calls.push(ToolCall { id: "t".into(), name: "f".into(), arguments_json: "3".into() });
+        assert!(
+            refused(ChatRequest { messages: vec![assistant], ..base() })
+                .contains("messages[0].tool_calls[0].arguments_json:")
+        );
+        let b = body(&base(), "c", 8000, Some(2048)).unwrap();
+        assert_eq!(b["thinking"], json!({"type": "enabled", "budget_tokens": 2048}));
     }
 
     #[test]
@@ -445,7 +573,7 @@ mod tests {
             user: "u".into(),
             ..ChatRequest::default()
         };
-        let b = body(&req, "claude", 1024);
+        let b = body(&req, "claude", 1024, None).unwrap();
         assert_eq!(b["system"], "sys");
         assert_eq!(b["max_tokens"], 1024);
         assert_eq!(b["messages"].as_array().unwrap().len(), 3);

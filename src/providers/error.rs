@@ -27,11 +27,27 @@ pub enum ProviderError {
     Upstream { kind: String, message: String },
 }
 
+/// The kind of an [`ProviderError::Upstream`] that rejects the request itself.
+const INVALID_REQUEST: &str = "invalid_request_error";
+
 impl ProviderError {
+    /// A request field this wire format cannot carry, refused before any
+    /// upstream call rather than dropped: a caller's error, named by `field`.
+    pub fn refused(field: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
+        Self::invalid_request(format!("{field}: {message}"))
+    }
+
+    /// The upstream said, inside its answer, that the request is invalid.
+    pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
+        ProviderError::Upstream { kind: INVALID_REQUEST.into(), message: message.into() }
+    }
+
     /// Whether another attempt (same or next target) may succeed.
     pub fn retryable(&self) -> bool {
         match self {
             ProviderError::Setup(_) => false,
+            // The request itself is at fault: another target would refuse it too.
+            ProviderError::Upstream { kind, .. } if kind == INVALID_REQUEST => false,
             ProviderError::Status { status, .. } => {
                 matches!(status, 401 | 403 | 408 | 409 | 429) || *status >= 500
             }
@@ -48,7 +64,7 @@ impl ProviderError {
             ProviderError::Status { status, .. } => {
                 (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429)
             }
-            ProviderError::Upstream { kind, .. } => kind == "invalid_request_error",
+            ProviderError::Upstream { kind, .. } => kind == INVALID_REQUEST,
             _ => false,
         }
     }
@@ -67,6 +83,7 @@ impl ProviderError {
             },
             ProviderError::Stream(_) => "stream_broken",
             ProviderError::Protocol(_) => "malformed",
+            ProviderError::Upstream { kind, .. } if kind == INVALID_REQUEST => "invalid_request",
             ProviderError::Upstream { .. } => "upstream_error",
         }
     }

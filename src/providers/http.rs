@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use reqwest::{Client, RequestBuilder, Response, header::HeaderMap};
+use reqwest::{
+    Client, RequestBuilder, Response,
+    header::{HeaderMap, HeaderValue},
+};
 
 use futures_util::{FutureExt, future::BoxFuture};
 
@@ -122,6 +125,23 @@ impl Fallback {
             Err(e) => Err(connect_error(e)),
         }
     }
+}
+
+/// The key as a header value marked sensitive (kept out of HPACK tables and
+/// debug output), for providers that send it in a header of their own.
+pub(crate) fn key_header(endpoint: &Endpoint) -> Result<Option<HeaderValue>, ProviderError> {
+    let Some(key) = &endpoint.api_key else {
+        return Ok(None);
+    };
+    let mut v = HeaderValue::from_str(key)
+        .map_err(|_| ProviderError::Setup("the API key holds characters a header cannot carry".into()))?;
+    v.set_sensitive(true);
+    Ok(Some(v))
+}
+
+/// A JSON object given as text (a tool call's arguments), or None.
+pub(crate) fn json_object(text: &str) -> Option<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(text).ok().filter(serde_json::Value::is_object)
 }
 
 /// How a client reaches the upstream.

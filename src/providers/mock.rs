@@ -205,7 +205,7 @@ impl Stream for MockStream {
         let reason = if this.natural() == this.total() { FinishReason::Stop } else { FinishReason::Length };
         delta.finish = Some(Finish {
             reason: Some(reason),
-            usage: Usage { input_tokens: this.input_tokens, output_tokens: this.sent },
+            usage: Usage { input_tokens: this.input_tokens, output_tokens: this.sent, ..Usage::default() },
         });
         Poll::Ready(Some(Ok(delta)))
     }
@@ -252,6 +252,6 @@ mod tests {
             finish = finish.or(d.finish);
         }
         assert_eq!(text, lorem(5));
-        assert_eq!(finish.unwrap().usage, Usage { input_tokens: 2, output_tokens: 5 });
+        assert_eq!(finish.unwrap().usage, Usage { input_tokens: 2, output_tokens: 5, ..Usage::default() });
     }
 }

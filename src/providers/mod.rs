@@ -4,10 +4,13 @@
 
 pub mod anthropic;
 mod error;
+pub mod gemini;
 mod http;
 pub mod mock;
 pub mod openai;
 mod sse;
+#[doc(hidden)]
+pub mod transcript;
 
 use std::{pin::Pin, sync::Arc};
 
@@ -52,6 +55,7 @@ pub fn build(name: &str, config: &ProviderConfig) -> Result<Arc<dyn Provider>, P
     Ok(match config.kind {
         ProviderKind::Openai => Arc::new(openai::OpenAi::new(name, config)?),
         ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(name, config)?),
+        ProviderKind::Gemini => Arc::new(gemini::Gemini::new(name, config)?),
         ProviderKind::Mock => Arc::new(mock::Mock::new(config)),
     })
 }

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use eventsource_stream::Event;
 use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
@@ -176,6 +176,15 @@ struct Choice {
 struct WireDelta {
     #[serde(default)]
     content: Option<String>,
+    /// DeepSeek's, Qwen's and older vLLM's name for the reasoning text.
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    /// OpenRouter's, Ollama's and newer vLLM's.
+    #[serde(default)]
+    reasoning: Option<String>,
+    /// OpenAI's refusal text (structured outputs): the model's answer.
+    #[serde(default)]
+    refusal: Option<String>,
     #[serde(default)]
     tool_calls: Option<Vec<WireToolCall>>,
 }
@@ -198,12 +207,45 @@ struct WireFunction {
     arguments: Option<String>,
 }
 
-#[derive(Deserialize, Serialize, Default, Clone, Copy)]
+#[derive(Deserialize, Default, Clone, Copy)]
 struct WireUsage {
     #[serde(default)]
     prompt_tokens: u32,
     #[serde(default)]
     completion_tokens: u32,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+    /// DeepSeek's own count of cached prompt tokens.
+    #[serde(default)]
+    prompt_cache_hit_tokens: Option<u32>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u32>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        // Both details are subsets: prompt_tokens counts the cached tokens,
+        // completion_tokens the reasoning ones.
+        let cached = u.prompt_tokens_details.and_then(|d| d.cached_tokens).or(u.prompt_cache_hit_tokens);
+        Usage {
+            input_tokens: u.prompt_tokens,
+            output_tokens: u.completion_tokens,
+            cached_input_tokens: cached.unwrap_or(0),
+            reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        }
+    }
 }
 
 /// Chunks to deltas. The finish reason and the usage arrive in separate
@@ -246,7 +288,7 @@ impl Translate for Translator {
             });
         }
         if let Some(u) = chunk.usage {
-            self.usage = Usage { input_tokens: u.prompt_tokens, output_tokens: u.completion_tokens };
+            self.usage = u.into();
         }
         let mut delta = Delta::default();
         // Azure's first chunk carries empty ones: take the first non-empty.
@@ -266,6 +308,12 @@ impl Translate for Translator {
             }
             if let Some(d) = choice.delta {
                 delta.content = d.content.unwrap_or_default();
+                if let Some(refusal) = d.refusal {
+                    delta.content.push_str(&refusal);
+                }
+                // A server that sends both names sends the same text twice.
+                delta.reasoning =
+                    d.reasoning_content.filter(|r| !r.is_empty()).or(d.reasoning).unwrap_or_default();
                 for call in d.tool_calls.unwrap_or_default() {
                     let function = call.function;
                     let (name, arguments) = match function {
@@ -282,7 +330,7 @@ impl Translate for Translator {
             }
         }
         let informative = delta.id.is_some() || delta.model.is_some();
-        if delta.content.is_empty() && delta.tool_calls.is_empty() && self.started && !informative {
+        if !delta.has_output() && self.started && !informative {
             return Ok(None);
         }
         self.started = true;
@@ -345,7 +393,7 @@ mod tests {
         let last = t.event(ev("[DONE]")).unwrap().unwrap();
         let finish = last.finish.unwrap();
         assert_eq!(finish.reason, Some(FinishReason::Length));
-        assert_eq!(finish.usage, Usage { input_tokens: 5, output_tokens: 2 });
+        assert_eq!(finish.usage, Usage { input_tokens: 5, output_tokens: 2, ..Usage::default() });
     }
 
     #[test]
@@ -390,6 +438,42 @@ mod tests {
         );
         assert!(matches!(t.event(ev("{not json")), Err(ProviderError::Protocol(_))));
         assert!(Translator::default().eof().is_err());
+    }
+
+    #[test]
+    fn reasoning_and_token_details() {
+        let mut t = Translator::default();
+        // DeepSeek: reasoning_content; content null while it thinks.
+        let d = t
+            .event(ev(r#"{"id":"r","model":"deepseek-reasoner","choices":[{"index":0,"delta":{"role":"assistant","content":null,"reasoning_content":"Hmm"}}]}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.reasoning.as_str(), d.content.as_str()), ("Hmm", ""));
+        // OpenRouter: reasoning. A server sending both names: taken once.
+        let d = t.event(ev(r#"{"choices":[{"delta":{"reasoning":"ok."}}]}"#)).unwrap().unwrap();
+        assert_eq!(d.reasoning, "ok.");
+        let d = t
+            .event(ev(r#"{"choices":[{"delta":{"reasoning_content":"x","reasoning":"x"}}]}"#))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.reasoning, "x");
+        let d =
+            t.event(ev(r#"{"choices":[{"delta":{"content":null,"refusal":"I can't"}}]}"#)).unwrap().unwrap();
+        assert_eq!(d.content, "I can't");
+        t.event(ev(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#)).unwrap();
+        t.event(ev(r#"{"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":9,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":16},"completion_tokens_details":{"reasoning_tokens":7}}}"#))
+            .unwrap();
+        let f = t.event(ev("[DONE]")).unwrap().unwrap().finish.unwrap();
+        assert_eq!(
+            f.usage,
+            Usage { input_tokens: 20, output_tokens: 9, cached_input_tokens: 16, reasoning_tokens: 7 }
+        );
+        // DeepSeek's own cache count; null details.
+        let mut t = Translator::default();
+        t.event(ev(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":null,"prompt_cache_hit_tokens":4}}"#))
+            .unwrap();
+        t.event(ev(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#)).unwrap();
+        assert_eq!(t.eof().unwrap().unwrap().finish.unwrap().usage.cached_input_tokens, 4);
     }
 
     #[test]

@@ -26,10 +26,18 @@ pub(crate) trait Translate: Send + Unpin + 'static {
 
 /// The deltas of an SSE response, translated by `translator`.
 pub(crate) fn deltas<T: Translate>(response: reqwest::Response, translator: T) -> DeltaStream {
+    from_body(response.bytes_stream(), translator)
+}
+
+/// The deltas of an SSE body given as a stream of chunks: what [`deltas`]
+/// does with a response, and what transcript replays feed directly.
+pub(crate) fn from_body<S, T>(body: S, translator: T) -> DeltaStream
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static,
+    T: Translate,
+{
     Box::pin(Translated {
-        events: Box::pin(
-            EventBound { inner: Box::pin(response.bytes_stream()), pending: 0, newline: false }.eventsource(),
-        ),
+        events: Box::pin(EventBound { inner: Box::pin(body), pending: 0, newline: false }.eventsource()),
         translator,
         state: State::Open,
     })

@@ -62,7 +62,7 @@ async fn first_delta(stream: &mut providers::DeltaStream) -> Option<Result<Delta
     loop {
         match stream.next().await? {
             Ok(mut d) => {
-                if d.content.is_empty() && d.tool_calls.is_empty() && d.finish.is_none() {
+                if !d.has_output() && d.finish.is_none() {
                     id = id.or(d.id);
                     model = model.or(d.model);
                     continue;

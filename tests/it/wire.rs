@@ -1,6 +1,7 @@
 //! Upstream wire formats as the vendors send them (CONTRACT.md section 4):
-//! OpenAI `chat.completion.chunk` SSE and Anthropic Messages SSE events, as
-//! text the fake upstream sends byte for byte.
+//! OpenAI `chat.completion.chunk` SSE, Anthropic Messages SSE events and
+//! Gemini `GenerateContentResponse` SSE events, as text the fake upstream
+//! sends byte for byte.
 
 use serde_json::{Value, json};
 
@@ -136,6 +137,79 @@ pub(crate) mod anthropic {
         out.push(block_stop(0));
         out.push(message_delta(stop_reason, output_tokens));
         out.push(message_stop());
+        out
+    }
+}
+
+pub(crate) mod gemini {
+    //! Gemini `streamGenerateContent?alt=sse`: `data: {GenerateContentResponse}`
+    //! events separated by CRLF blank lines, no end marker.
+    use super::*;
+
+    pub(crate) fn event(v: &Value) -> String {
+        format!("data: {v}\r\n\r\n")
+    }
+
+    fn response(id: &str, model: &str, candidate: Value, usage: Option<Value>) -> String {
+        let mut v = json!({"candidates": [candidate], "modelVersion": model, "responseId": id});
+        if let Some(u) = usage {
+            v["usageMetadata"] = u;
+        }
+        event(&v)
+    }
+
+    pub(crate) fn usage(prompt: u32, candidates: u32, thoughts: u32) -> Value {
+        json!({"promptTokenCount": prompt, "candidatesTokenCount": candidates, "thoughtsTokenCount": thoughts,
+               "totalTokenCount": prompt + candidates + thoughts})
+    }
+
+    /// A text part, with no usage in the event.
+    pub(crate) fn text(id: &str, model: &str, text: &str) -> String {
+        response(
+            id,
+            model,
+            json!({"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}),
+            None,
+        )
+    }
+
+    /// A thought part (`thought: true`), with cumulative usage.
+    pub(crate) fn thought(id: &str, model: &str, text: &str, usage: Value) -> String {
+        response(
+            id,
+            model,
+            json!({"content": {"role": "model", "parts": [{"text": text, "thought": true}]}, "index": 0}),
+            Some(usage),
+        )
+    }
+
+    /// The last event as Gemini often sends it: only the finish reason and usage.
+    pub(crate) fn finish(id: &str, model: &str, reason: &str, usage: Value) -> String {
+        response(id, model, json!({"finishReason": reason, "index": 0}), Some(usage))
+    }
+
+    /// A whole function call in one part (no id: Gemini sends none), finished with STOP.
+    pub(crate) fn function_call(id: &str, model: &str, name: &str, args: Value, usage: Value) -> String {
+        response(
+            id,
+            model,
+            json!({"content": {"role": "model", "parts": [{"functionCall": {"name": name, "args": args}}]},
+                   "finishReason": "STOP", "index": 0}),
+            Some(usage),
+        )
+    }
+
+    /// A whole streamed answer: one text event per piece, then the finish event.
+    pub(crate) fn answer(
+        id: &str,
+        model: &str,
+        pieces: &[&str],
+        reason: &str,
+        prompt: u32,
+        candidates: u32,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = pieces.iter().map(|p| text(id, model, p)).collect();
+        out.push(finish(id, model, reason, usage(prompt, candidates, 0)));
         out
     }
 }
