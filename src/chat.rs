@@ -17,6 +17,10 @@ pub struct ChatRequest {
     pub response_format: ResponseFormat,
     /// End-user id; empty when the caller sent none.
     pub user: String,
+    /// The caller wants the answer whole (`Completion`), not streamed. A
+    /// provider with a unary endpoint of its own (Gemini's
+    /// `:generateContent`) may use it; the deltas it yields are the same.
+    pub unary: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

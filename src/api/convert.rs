@@ -110,6 +110,7 @@ pub fn chat_request(p: RequestParts) -> Result<(ChatRequest, HashMap<String, Str
         tool_choice,
         response_format,
         user: p.user,
+        unary: false,
     };
     Ok((request, p.metadata))
 }

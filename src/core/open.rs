@@ -51,11 +51,14 @@ pub struct ModelInfo {
 
 impl Core {
     /// Everything before the first delta.
+    /// `unary`: the caller wants the answer whole (a provider with a unary
+    /// endpoint of its own may use it).
     async fn open(
         &self,
         call: &mut Call,
         authorization: Option<&str>,
         request: impl WireRequest,
+        unary: bool,
     ) -> Result<Routed, CallError> {
         if self.draining.is_cancelled() {
             return Err(CallError::ShuttingDown);
@@ -82,7 +85,8 @@ impl Core {
             });
         }
         let model = model.to_owned();
-        let Validated { request, tags } = request.into_chat()?;
+        let Validated { mut request, tags } = request.into_chat()?;
+        request.unary = unary;
         call.set_metadata(&tags);
         if self.record_content {
             call.record_prompt(&request);
@@ -134,7 +138,7 @@ impl Core {
     ) -> Result<Routed, CallError> {
         let span = call.span.clone();
         let deadline = call.deadline;
-        self.bounded(deadline, self.open(call, authorization, request)).instrument(span).await
+        self.bounded(deadline, self.open(call, authorization, request, false)).instrument(span).await
     }
 
     /// The committed call as a stream of deltas, watching the deadline and
@@ -157,7 +161,7 @@ impl Core {
         let deadline = call.deadline;
         let collected = self
             .bounded(deadline, async {
-                let routed = self.open(call, authorization, request).await?;
+                let routed = self.open(call, authorization, request, true).await?;
                 let mut collector = Collector::default();
                 let mut stream = routed.stream;
                 while let Some(delta) = stream.next().await {

@@ -1,13 +1,8 @@
-//! Google's Gemini API wire format: `POST {base_url}/models/{model}:streamGenerateContent?alt=sse`,
-//! the key in `x-goog-api-key`. Without `alt=sse` the API streams one JSON
-//! array, which an SSE reader sees as nothing. The stream has no end marker:
-//! it ends at EOF, and its last event may hold only the finish reason and
-//! the (cumulative) usage. A request field the API cannot carry is refused
-//! by name before any upstream call.
-//!
-//! `Completion` calls stream too, as for every provider: `:generateContent`
-//! answers only once the whole answer is ready, and routing's
-//! `timeouts.first_token` and `hedge_after` would then count all of it.
+//! Google's Gemini API wire format: `POST {base_url}/models/{model}:streamGenerateContent?alt=sse`
+//! (unary: `:generateContent`), the key in `x-goog-api-key`. The stream has no
+//! end marker: it ends at EOF, and its last event may hold only the finish
+//! reason and the (cumulative) usage. A request field the API cannot carry is
+//! refused by name before any upstream call.
 
 use std::{borrow::Cow, collections::HashMap};
 
@@ -29,6 +24,9 @@ use crate::{
     },
     config::{ProviderConfig, ReasoningConfig},
 };
+
+/// Largest unary answer read: the size `Completion` gathers at most.
+const MAX_UNARY_BODY: usize = 64 << 20;
 
 pub struct Gemini {
     endpoint: Endpoint,
@@ -61,24 +59,57 @@ impl Provider for Gemini {
         self.endpoint.server.clone()
     }
 
+    fn answers_whole(&self, request: &ChatRequest) -> bool {
+        request.unary
+    }
+
     fn stream(&self, call: UpstreamCall) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
         let body = match body(&call.request, self.reasoning.as_ref()) {
             Ok(b) => b,
             Err(refused) => return async move { Err(refused) }.boxed(),
         };
-        let url = self.url(&call.model, "streamGenerateContent?alt=sse");
-        let mut request = self
-            .endpoint
-            .client
-            .post(url)
-            .headers(call.headers)
-            .header("accept", "text/event-stream")
-            .json(&body);
+        let unary = call.request.unary;
+        let url = if unary {
+            self.url(&call.model, "generateContent")
+        } else {
+            self.url(&call.model, "streamGenerateContent?alt=sse")
+        };
+        let mut request = self.endpoint.client.post(url).headers(call.headers).json(&body);
         if let Some(key) = &self.key_header {
             request = request.header("x-goog-api-key", key.clone());
         }
-        self.endpoint.open(request, Translator::new())
+        if !unary {
+            return self.endpoint.open(request.header("accept", "text/event-stream"), Translator::new());
+        }
+        let response = self.endpoint.send(request);
+        async move {
+            let response = response.await?;
+            let body = http::read_body(response, MAX_UNARY_BODY).await?;
+            let deltas = unary_deltas(&body, Translator::new());
+            let stream: DeltaStream = Box::pin(futures_util::stream::iter(deltas));
+            Ok(stream)
+        }
+        .boxed()
     }
+}
+
+/// A whole `generateContent` answer as the deltas a stream of one event
+/// would give: the answer, then the end.
+pub(crate) fn unary_deltas(body: &[u8], mut t: Translator) -> Vec<Result<Delta, ProviderError>> {
+    let text = String::from_utf8_lossy(body);
+    let mut out = Vec::with_capacity(2);
+    match sse::json::<WireResponse<'_>>(&text).and_then(|r| t.response(r)) {
+        Ok(Some(delta)) => out.push(Ok(delta)),
+        Ok(None) => {}
+        Err(e) => return vec![Err(e)],
+    }
+    match t.end() {
+        Ok(finish) => out.push(Ok(finish)),
+        Err(_) => {
+            out.push(Err(ProviderError::Protocol("generateContent answered with no finishReason".into())))
+        }
+    }
+    out
 }
 
 /// Percent-encodes what a URL path must not hold raw, `:` included (the
@@ -389,7 +420,7 @@ impl Translator {
         }
     }
 
-    /// One `GenerateContentResponse` (a stream event).
+    /// One `GenerateContentResponse`: a stream event, or a whole unary answer.
     fn response(&mut self, r: WireResponse<'_>) -> Result<Option<Delta>, ProviderError> {
         if let Some(error) = r.error {
             return Err(upstream_error(&error));
@@ -616,6 +647,18 @@ mod tests {
         let e =
             t.event(ev(r#"{"error":{"code":400,"message":"bad","status":"INVALID_ARGUMENT"}}"#)).unwrap_err();
         assert!(e.is_invalid_request() && !e.retryable());
+    }
+
+    #[test]
+    fn unary_answer() {
+        let body = br#"{"candidates":[{"content":{"parts":[{"text":"thinking","thought":true},{"text":"Hello"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"thoughtsTokenCount":2},"modelVersion":"g","responseId":"u1"}"#;
+        let out = unary_deltas(body, translator());
+        let first = out[0].as_ref().unwrap();
+        assert_eq!((first.content.as_str(), first.reasoning.as_str()), ("Hello", "thinking"));
+        let f = out[1].as_ref().unwrap().finish.unwrap();
+        assert_eq!((f.usage.input_tokens, f.usage.output_tokens), (3, 3));
+        assert!(unary_deltas(b"{}", translator())[0].is_err(), "no finishReason");
+        assert!(unary_deltas(b"not json", translator())[0].is_err());
     }
 
     #[test]

@@ -81,15 +81,23 @@ impl Endpoint {
         request: RequestBuilder,
         translator: T,
     ) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
+        let response = self.send(request);
+        async move { Ok(sse::deltas(response.await?, translator)) }.boxed()
+    }
+
+    /// Sends `request` as [`Endpoint::open`] does and returns the 2xx
+    /// response, for an answer that is not a stream.
+    pub(crate) fn send(
+        &self,
+        request: RequestBuilder,
+    ) -> impl Future<Output = Result<Response, ProviderError>> + Send + 'static {
         let fallback = self.fallback.clone();
         async move {
-            let response = match fallback {
-                None => send(request).await?,
-                Some(fallback) => fallback.send(request).await?,
-            };
-            Ok(sse::deltas(response, translator))
+            match fallback {
+                None => send(request).await,
+                Some(fallback) => fallback.send(request).await,
+            }
         }
-        .boxed()
     }
 }
 
@@ -142,6 +150,23 @@ pub(crate) fn key_header(endpoint: &Endpoint) -> Result<Option<HeaderValue>, Pro
 /// A JSON object given as text (a tool call's arguments), or None.
 pub(crate) fn json_object(text: &str) -> Option<serde_json::Value> {
     serde_json::from_str::<serde_json::Value>(text).ok().filter(serde_json::Value::is_object)
+}
+
+/// Reads a whole (unary) response body, at most `max` bytes.
+pub(crate) async fn read_body(mut response: Response, max: usize) -> Result<Vec<u8>, ProviderError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(ProviderError::Protocol(format!("a response body over {max} bytes")));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(ProviderError::Stream(error_chain(&e.without_url()))),
+        }
+    }
 }
 
 /// How a client reaches the upstream.

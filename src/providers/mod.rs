@@ -45,6 +45,13 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether this request's answer arrives whole rather than streamed
+    /// (a unary endpoint): routing then bounds it by the deadline and the
+    /// read timeout only, not by `first_token`, and does not hedge it.
+    fn answers_whole(&self, _request: &ChatRequest) -> bool {
+        false
+    }
+
     /// Sends the request. Resolves once the upstream has accepted it (2xx
     /// headers), with the stream of its deltas; an error before that is typed.
     fn stream(&self, call: UpstreamCall) -> BoxFuture<'static, Result<DeltaStream, ProviderError>>;

@@ -28,6 +28,9 @@ use crate::{
     telemetry::{self, metrics::Metrics},
 };
 
+/// The bound on a whole (unary) answer beside the call's deadline.
+const MAX_WHOLE_ANSWER: Duration = Duration::from_secs(24 * 3600);
+
 /// A 429 with no hint of how long to wait keeps its target out this long.
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
 
@@ -265,7 +268,11 @@ impl Router {
             }
         }
         .instrument(attempt.span().clone());
-        match tokio::time::timeout(target.first_token, opened).await {
+        // A whole answer's "first delta" is the whole answer: only the
+        // deadline and the read timeout bound it.
+        let first_token =
+            if target.provider.answers_whole(request) { MAX_WHOLE_ANSWER } else { target.first_token };
+        match tokio::time::timeout(first_token, opened).await {
             Ok(Ok((first, stream))) => {
                 attempt.first_token(started.elapsed(), &first);
                 Ok(Routed {
@@ -426,7 +433,13 @@ impl Router {
                     None => break,
                 }
             }
-            let armed = running.len() == 1;
+            // A whole answer has no early first delta to race for.
+            let armed = running.len() == 1
+                && !plan
+                    .in_flight
+                    .iter()
+                    .zip(&route.targets)
+                    .any(|(busy, t)| *busy && t.provider.answers_whole(&request));
             let hedge = async {
                 match route.hedge_after {
                     Some(after) if armed => tokio::time::sleep(after).await,

@@ -148,7 +148,24 @@ async fn streams_reasoning_apart_from_text_with_cumulative_usage_and_no_done() {
 
 #[tokio::test]
 async fn completion_carries_text_reasoning_and_usage() {
-    let up = Upstream::start(thinking_answer()).await;
+    // Completion goes to the unary endpoint, whose answer is one JSON object.
+    let whole = json!({
+        "candidates": [{
+            "content": {"role": "model", "parts": [
+                {"text": "**Planning** the greeting", "thought": true},
+                {"text": ", then answer.", "thought": true},
+                {"text": "Hello, wörld — ✓ 🚀"},
+            ]},
+            "finishReason": "STOP", "index": 0,
+        }],
+        "usageMetadata": {"promptTokenCount": 11, "candidatesTokenCount": 6, "thoughtsTokenCount": 64,
+                          "cachedContentTokenCount": 8, "totalTokenCount": 81},
+        "modelVersion": "gemini-2.5-pro-preview", "responseId": "resp-1",
+    });
+    let up = Upstream::with(move |_, r| {
+        if r.path.ends_with(":generateContent") { Reply::json(200, &whole) } else { thinking_answer() }
+    })
+    .await;
     let gw = gateway(&up).await;
     let mut client = gw.client().await;
     let r = within(WAIT, "Completion", client.completion(completion_request("gem-think", "hi")))
@@ -164,6 +181,9 @@ async fn completion_carries_text_reasoning_and_usage() {
     assert_eq!(r.finish_reason, pb::FinishReason::Stop as i32);
     let u = r.usage.expect("usage");
     assert_eq!((u.input_tokens, u.output_tokens, u.cached_input_tokens, u.reasoning_tokens), (11, 70, 8, 64));
+    let sent = &up.requests()[0];
+    assert_eq!(sent.path, "/v1beta/models/gemini-2.5-pro:generateContent", "unary: :generateContent");
+    assert_eq!(sent.header("x-goog-api-key"), Some(upstream_key().as_str()));
     // Without `reasoning` in its config, a provider asks for no thoughts.
     let up = Upstream::start(Reply::events(&gemini::answer("r", "g", &["ok"], "STOP", 1, 1))).await;
     let gw = gateway(&up).await;
@@ -184,7 +204,16 @@ async fn a_function_call_becomes_a_tool_call_and_its_result_goes_back_by_name() 
                 gemini::usage(30, 8, 0),
             )])
         } else {
-            Reply::events(&gemini::answer("r2", "gemini-2.5-flash", &["It is 18C."], "STOP", 50, 5))
+            // The second turn is a Completion: Gemini's unary answer.
+            Reply::json(
+                200,
+                &json!({
+                    "candidates": [{"content": {"role": "model", "parts": [{"text": "It is 18C."}]},
+                                    "finishReason": "STOP", "index": 0}],
+                    "usageMetadata": {"promptTokenCount": 50, "candidatesTokenCount": 5, "totalTokenCount": 55},
+                    "modelVersion": "gemini-2.5-flash", "responseId": "r2",
+                }),
+            )
         }
     })
     .await;
@@ -251,7 +280,19 @@ async fn a_blocked_prompt_is_content_filter_though_the_upstream_says_200() {
         "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7},
         "modelVersion": "gemini-2.5-flash", "responseId": "b1",
     }));
-    let up = Upstream::start(Reply::events(&[blocked])).await;
+    let blocked_whole = json!({
+        "promptFeedback": {"blockReason": "SAFETY"},
+        "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7},
+        "modelVersion": "gemini-2.5-flash", "responseId": "b1",
+    });
+    let up = Upstream::with(move |_, r| {
+        if r.path.ends_with(":generateContent") {
+            Reply::json(200, &blocked_whole)
+        } else {
+            Reply::events(std::slice::from_ref(&blocked))
+        }
+    })
+    .await;
     let gw = gateway(&up).await;
     let mut client = gw.client().await;
     let got = stream_call(&mut client, stream_request("gem", "something bad")).await;
@@ -408,4 +449,34 @@ async fn a_retryable_failure_is_retried_on_the_same_gemini_target() {
     for r in &requests {
         assert_gemini_request(r, "gemini-2.5-flash");
     }
+}
+
+#[tokio::test]
+async fn a_slow_unary_answer_is_not_cut_by_the_first_token_timeout() {
+    // The unary endpoint answers only when the whole answer is ready: the
+    // first-token bound (200 ms here) must not abort it.
+    let whole = json!({
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "slow but whole"}]},
+                        "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 3, "totalTokenCount": 5},
+        "modelVersion": "gemini-2.5-flash", "responseId": "s1",
+    });
+    let up = Upstream::start(Reply::Response {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: crate::upstream::Body::Chunked(vec![Step::sleep_ms(600), Step::send(whole.to_string())]),
+    })
+    .await;
+    let yaml = gemini_config(&up).replace(
+        "  gm:\n    kind: gemini\n",
+        "  gm:\n    kind: gemini\n    timeouts: { first_token: 200ms }\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut client = gw.client().await;
+    let r = within(WAIT, "Completion", client.completion(completion_request("gem", "hi")))
+        .await
+        .expect("the whole answer, not a first-token timeout")
+        .into_inner();
+    assert_eq!(r.content, "slow but whole");
+    assert_eq!(up.requests().len(), 1, "not retried");
 }
