@@ -88,6 +88,11 @@ impl CallError {
     pub fn reason(&self) -> Reason {
         match self {
             CallError::InvalidArgument { .. } => Reason::InvalidRequest,
+            CallError::Route(RouteError::Failed { failure, .. })
+                if failure.kind == FailureKind::Unsupported =>
+            {
+                Reason::InvalidRequest
+            }
             CallError::ModelNotFound(_) | CallError::Route(RouteError::UnknownModel(_)) => {
                 Reason::ModelNotFound
             }
@@ -118,6 +123,9 @@ impl CallError {
     pub fn field(&self) -> Option<&str> {
         match self {
             CallError::InvalidArgument { field, .. } => Some(field),
+            CallError::Route(RouteError::Failed { failure, .. }) if failure.field.is_some() => {
+                failure.field.as_deref()
+            }
             CallError::Route(RouteError::Failed { failure, .. }) if failure.kind == FailureKind::Rejected => {
                 Some("request")
             }
@@ -183,6 +191,11 @@ impl CallError {
                 if failure.kind == FailureKind::Rejected =>
             {
                 format!("provider {provider:?} rejected the request: {failure}")
+            }
+            CallError::Route(RouteError::Failed { provider, failure, .. })
+                if failure.kind == FailureKind::Unsupported =>
+            {
+                format!("{failure} (provider {provider:?} cannot carry it)")
             }
             CallError::Route(RouteError::Failed { attempts, provider, failure, .. }) => {
                 format!("{attempts} attempt(s) failed; last, provider {provider:?}: {failure}")

@@ -175,6 +175,7 @@ impl Core {
                             status: None,
                             message: format!("the answer passed {MAX_ANSWER} bytes"),
                             retry_after: None,
+                            field: None,
                         }));
                     }
                     if collector.finish.is_some() {

@@ -25,6 +25,10 @@ pub enum ProviderError {
     /// The upstream reported an error inside its stream.
     #[error("upstream error ({kind}): {message}")]
     Upstream { kind: String, message: String },
+    /// A request field this wire format cannot carry, refused before any
+    /// upstream call.
+    #[error("{field}: {message}")]
+    Unsupported { field: String, message: String },
 }
 
 /// The kind of an [`ProviderError::Upstream`] that rejects the request itself.
@@ -34,7 +38,7 @@ impl ProviderError {
     /// A request field this wire format cannot carry, refused before any
     /// upstream call rather than dropped: a caller's error, named by `field`.
     pub fn refused(field: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
-        Self::invalid_request(format!("{field}: {message}"))
+        ProviderError::Unsupported { field: field.to_string(), message: message.to_string() }
     }
 
     /// The upstream said, inside its answer, that the request is invalid.
@@ -45,7 +49,7 @@ impl ProviderError {
     /// Whether another attempt (same or next target) may succeed.
     pub fn retryable(&self) -> bool {
         match self {
-            ProviderError::Setup(_) => false,
+            ProviderError::Setup(_) | ProviderError::Unsupported { .. } => false,
             // The request itself is at fault: another target would refuse it too.
             ProviderError::Upstream { kind, .. } if kind == INVALID_REQUEST => false,
             ProviderError::Status { status, .. } => {
@@ -65,6 +69,7 @@ impl ProviderError {
                 (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429)
             }
             ProviderError::Upstream { kind, .. } => kind == INVALID_REQUEST,
+            ProviderError::Unsupported { .. } => true,
             _ => false,
         }
     }
@@ -84,6 +89,7 @@ impl ProviderError {
             ProviderError::Stream(_) => "stream_broken",
             ProviderError::Protocol(_) => "malformed",
             ProviderError::Upstream { kind, .. } if kind == INVALID_REQUEST => "invalid_request",
+            ProviderError::Unsupported { .. } => "unsupported_field",
             ProviderError::Upstream { .. } => "upstream_error",
         }
     }

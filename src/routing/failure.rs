@@ -33,6 +33,9 @@ pub enum FailureKind {
     UpstreamError,
     /// The provider is not usable (its setup failed).
     Setup,
+    /// The target's wire format cannot carry a field of the request (named
+    /// in [`Failure::field`]); nothing was sent. Another target may.
+    Unsupported,
 }
 
 impl FailureKind {
@@ -68,6 +71,7 @@ impl FailureKind {
             FailureKind::Malformed => "malformed",
             FailureKind::UpstreamError => "upstream_error",
             FailureKind::Setup => "setup",
+            FailureKind::Unsupported => "unsupported_field",
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Failure {
     pub message: String,
     /// How long the upstream asked us to wait, when it said.
     pub retry_after: Option<Duration>,
+    /// The request field at fault, when the gateway knows it.
+    pub field: Option<String>,
 }
 
 impl Failure {
@@ -91,12 +97,22 @@ impl Failure {
             status: None,
             message: format!("no first token within {after:?}"),
             retry_after: None,
+            field: None,
         }
     }
 }
 
 impl From<&ProviderError> for Failure {
     fn from(e: &ProviderError) -> Self {
+        if let ProviderError::Unsupported { field, message } = e {
+            return Failure {
+                kind: FailureKind::Unsupported,
+                status: None,
+                message: format!("{field}: {message}"),
+                retry_after: None,
+                field: Some(field.clone()),
+            };
+        }
         let (kind, status, message) = match e {
             ProviderError::Setup(_) => (FailureKind::Setup, None, "the provider is not set up".to_owned()),
             ProviderError::Connect(_) => {
@@ -138,8 +154,11 @@ impl From<&ProviderError> for Failure {
             ProviderError::Upstream { kind, .. } => {
                 (FailureKind::UpstreamError, None, format!("the upstream reported an error ({kind})"))
             }
+            ProviderError::Unsupported { field, message } => {
+                (FailureKind::Unsupported, None, format!("{field}: {message}"))
+            }
         };
-        Failure { kind, status, message, retry_after: e.retry_after() }
+        Failure { kind, status, message, retry_after: e.retry_after(), field: None }
     }
 }
 

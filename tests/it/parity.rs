@@ -5,6 +5,7 @@
 use llm_gateway::api::pb::{self, Role};
 use serde_json::json;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::{
     harness::{
@@ -183,6 +184,10 @@ async fn anthropic_refuses_what_it_cannot_carry_by_name_before_any_upstream_call
         let status = got.error();
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         assert!(status.message().contains(&format!("{field}:")), "names {field}: {status:?}");
+        let details = status.get_error_details();
+        assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("INVALID_REQUEST"), "{field}");
+        let violations = details.bad_request().map(|b| b.field_violations.clone()).unwrap_or_default();
+        assert_eq!(violations.first().map(|v| v.field.as_str()), Some(field), "BadRequest names {field}");
     }
     let request = pb::CompletionRequest {
         model: "claude".into(),
@@ -200,4 +205,31 @@ async fn anthropic_refuses_what_it_cannot_carry_by_name_before_any_upstream_call
     r.response_format =
         Some(pb::ResponseFormat { r#type: pb::response_format::Type::Text as i32, ..Default::default() });
     stream_call(&mut client, r).await.end.expect("OK");
+}
+
+#[tokio::test]
+async fn a_field_one_target_cannot_carry_falls_back_to_one_that_can() {
+    // `seed` is refused by Anthropic's wire format, carried by OpenAI's.
+    let up = Upstream::with(|_, r| {
+        if r.path.ends_with("/chat/completions") {
+            Reply::events(&openai::answer("c", "gpt-4o-mini", &["seeded"], "stop", 1, 1))
+        } else {
+            Reply::events(&anthropic::answer("m", "c", &["x"], "end_turn", 1, 1))
+        }
+    })
+    .await;
+    let yaml = config(&up.base_url()).replace(
+        "  claude:\n    targets: [{ provider: an, model: claude-test }]\n",
+        "  claude:\n    targets: [{ provider: an, model: claude-test }, { provider: oa, model: gpt-4o-mini }]\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut client = gw.client().await;
+    let mut r = stream_request("claude", "hi");
+    r.seed = Some(7);
+    let got = stream_call(&mut client, r).await;
+    got.end.as_ref().expect("served by the target that carries seed");
+    assert_eq!(got.text(), "seeded");
+    let paths: Vec<String> = up.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/v1/chat/completions"], "nothing was sent to the target that cannot carry it");
+    assert_eq!(up.requests()[0].json()["seed"], 7);
 }
