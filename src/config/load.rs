@@ -3,7 +3,7 @@
 
 use std::{fmt, path::Path};
 
-use super::schema::{Config, ProviderKind};
+use super::schema::{Config, LimitsConfig, ProviderKind};
 
 const DEFAULT: &str = include_str!("default.yaml");
 
@@ -95,10 +95,7 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
             }
         }
         if let Some(var) = &provider.api_key_env {
-            let ok = !var.is_empty()
-                && var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-                && !var.starts_with(|ch: char| ch.is_ascii_digit());
-            if !ok {
+            if !env_name_ok(var) {
                 return Err((
                     p(&["providers", name, "api_key_env"]),
                     "must name an environment variable (letters, digits, _), not hold a key".into(),
@@ -221,6 +218,123 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     }
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
+    }
+    validate_admission(c)
+}
+
+fn env_name_ok(var: &str) -> bool {
+    !var.is_empty()
+        && var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        && !var.starts_with(|ch: char| ch.is_ascii_digit())
+}
+
+/// Limits, budgets, prices, queue and Redis (CONTRACT.md sections 6 and 7).
+fn validate_admission(c: &Config) -> Result<(), (Vec<String>, String)> {
+    let path = |parts: &[&str]| parts.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let limits = |at: Vec<String>, l: &LimitsConfig| -> Result<(), (Vec<String>, String)> {
+        let figures = [("rpm", l.rpm), ("tpm", l.tpm), ("concurrency", l.concurrency.map(u64::from))];
+        for (name, v) in figures {
+            if v == Some(0) {
+                let mut at = at.clone();
+                at.push(name.into());
+                return Err((at, "must be at least 1 (omit it for no limit)".into()));
+            }
+        }
+        Ok(())
+    };
+    for (name, provider) in &c.providers {
+        limits(path(&["providers", name, "limits"]), &provider.limits)?;
+        for (model, l) in &provider.model_limits {
+            let at = path(&["providers", name, "model_limits", model]);
+            let served =
+                c.models.values().flat_map(|m| &m.targets).any(|t| &t.provider == name && &t.model == model);
+            if !served {
+                return Err((
+                    at,
+                    format!("no target under `models` sends model {model:?} to provider {name:?}"),
+                ));
+            }
+            limits(at, l)?;
+        }
+    }
+    for (i, k) in c.api_keys.iter().enumerate() {
+        let at = |field: &str| vec!["api_keys".into(), format!("[{i}]"), field.into()];
+        limits(at("limits"), &k.limits)?;
+        if let Some(b) = &k.budget {
+            let sub = |field: &str| vec!["api_keys".into(), format!("[{i}]"), "budget".into(), field.into()];
+            if b.usd.is_none() && b.tokens.is_none() {
+                return Err((at("budget"), "needs `usd`, `tokens` or both".into()));
+            }
+            if let Some(usd) = b.usd
+                && !(usd.is_finite() && usd > 0.0 && usd <= 1e6)
+            {
+                return Err((sub("usd"), "must be a number of dollars above 0 and at most 1000000".into()));
+            }
+            if b.tokens == Some(0) {
+                return Err((sub("tokens"), "must be at least 1 (omit it for no token budget)".into()));
+            }
+            if b.window < std::time::Duration::from_secs(1) {
+                return Err((sub("window"), "must be at least 1s".into()));
+            }
+        }
+    }
+    let mut priced = std::collections::HashSet::new();
+    for (i, price) in c.prices.iter().enumerate() {
+        let at = |field: &str| vec!["prices".into(), format!("[{i}]"), field.into()];
+        if !c.providers.contains_key(&price.provider) {
+            return Err((
+                at("provider"),
+                format!("no provider named {:?} under `providers`", price.provider),
+            ));
+        }
+        if price.model.is_empty() {
+            return Err((at("model"), "must not be empty".into()));
+        }
+        if !priced.insert((price.provider.as_str(), price.model.as_str())) {
+            return Err((at("model"), format!("{:?} of {:?} is priced twice", price.model, price.provider)));
+        }
+        let figures = [
+            ("input", Some(price.input)),
+            ("output", Some(price.output)),
+            ("cached_input", price.cached_input),
+        ];
+        for (field, v) in figures {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err((at(field), "must be a number of USD per million tokens, 0 or more".into()));
+            }
+        }
+    }
+    if let Some(r) = &c.redis {
+        let at = |field: &str| path(&["redis", field]);
+        match reqwest::Url::parse(&r.url) {
+            Ok(u) if u.scheme() == "redis" => {}
+            Ok(u) if u.scheme() == "rediss" => {
+                return Err((at("url"), "TLS to Redis (rediss://) is not built in; use redis://".into()));
+            }
+            _ => return Err((at("url"), "must be a URL like redis://host:6379/0".into())),
+        }
+        if let Some(var) = &r.password_env
+            && !env_name_ok(var)
+        {
+            return Err((
+                at("password_env"),
+                "must name an environment variable (letters, digits, _), not hold a password".into(),
+            ));
+        }
+        if r.key_prefix.is_empty()
+            || r.key_prefix.contains(['{', '}'])
+            || r.key_prefix.contains(char::is_whitespace)
+        {
+            return Err((at("key_prefix"), "must be a non-empty name without braces or spaces".into()));
+        }
+        if r.timeout < std::time::Duration::from_millis(1) || r.timeout > std::time::Duration::from_secs(10) {
+            return Err((at("timeout"), "must be between 1ms and 10s".into()));
+        }
+        if r.replicas == 0 {
+            return Err((at("replicas"), "must be at least 1".into()));
+        }
     }
     Ok(())
 }
