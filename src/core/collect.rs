@@ -15,6 +15,8 @@ pub struct Answer {
     pub content: String,
     pub tool_calls: Vec<ToolCall>,
     pub finish: Finish,
+    /// USD of `finish.usage`, from `prices`.
+    pub cost_usd: f64,
 }
 
 #[derive(Default)]
@@ -78,6 +80,7 @@ impl Collector {
                 .filter(|t| !t.name.is_empty() || !t.id.is_empty())
                 .collect(),
             finish: self.finish.unwrap_or_default(),
+            cost_usd: 0.0,
         }
     }
 }
