@@ -117,3 +117,7 @@ impl Gate for Open {
 
     fn release(&mut self, _: &str, _: &str) {}
 }
+
+#[cfg(test)]
+#[path = "ticket_tests.rs"]
+mod ticket_tests;
