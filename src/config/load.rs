@@ -94,13 +94,13 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 }
             }
         }
-        if let Some(var) = &provider.api_key_env {
-            if !env_name_ok(var) {
-                return Err((
-                    p(&["providers", name, "api_key_env"]),
-                    "must name an environment variable (letters, digits, _), not hold a key".into(),
-                ));
-            }
+        if let Some(var) = &provider.api_key_env
+            && !env_name_ok(var)
+        {
+            return Err((
+                p(&["providers", name, "api_key_env"]),
+                "must name an environment variable (letters, digits, _), not hold a key".into(),
+            ));
         }
         if let Some(proxy) = &provider.proxy {
             let at = p(&["providers", name, "proxy"]);
@@ -515,5 +515,63 @@ api_keys:
         let e = parse(&text, None).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("api_keys[0].key_sha256"));
         assert_eq!(e.line, Some(18), "{e}");
+    }
+
+    #[test]
+    fn admission_keys_are_checked_by_key_and_line() {
+        let cases = [
+            // (replace in GOOD, add at the end, key, line)
+            (
+                "    kind: mock\n",
+                "    kind: mock\n    limits: { rpm: 0 }\n",
+                "providers.m.limits.rpm",
+                Some(9),
+            ),
+            (
+                "    api_key_env: OPENAI_API_KEY\n",
+                "    api_key_env: OPENAI_API_KEY\n    model_limits:\n      gpt-5: { rpm: 1 }\n",
+                "providers.openai.model_limits.gpt-5",
+                Some(8),
+            ),
+            ("models: [chat] }", "models: [chat], budget: { window: 1d } }", "api_keys[0].budget", Some(18)),
+            (
+                "models: [chat] }",
+                "models: [chat], limits: { concurrency: 0 } }",
+                "api_keys[0].limits.concurrency",
+                Some(18),
+            ),
+        ];
+        for (from, to, key, line) in cases {
+            let text = GOOD.replace(from, to);
+            let e = parse(&text, None).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.line, line, "{e}");
+        }
+        let tail = [
+            ("prices:\n  - { provider: nope, model: x, input: 1, output: 1 }\n", "prices[0].provider", 20),
+            ("prices:\n  - { provider: m, model: x, input: -1, output: 1 }\n", "prices[0].input", 20),
+            ("redis:\n  url: rediss://r:6379\n", "redis.url", 20),
+            ("redis:\n  url: redis://r:6379\n  password_env: \"p w\"\n", "redis.password_env", 21),
+            ("redis:\n  url: redis://r:6379\n  key_prefix: \"{x}\"\n", "redis.key_prefix", 21),
+            ("redis:\n  url: redis://r:6379\n  replicas: 0\n", "redis.replicas", 21),
+        ];
+        for (add, key, line) in tail {
+            let e = parse(&format!("{GOOD}{add}"), None).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+        }
+        let e = parse(&format!("{GOOD}redis:\n  url: redis://r:6379\n  failure_mode: maybe\n"), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("maybe") && e.line == Some(21), "{e}");
+        let ok = format!(
+            "{GOOD}prices:\n  - {{ provider: openai, model: gpt-4o-mini, input: 0.15, output: 0.6 }}\nqueue: {{ max_wait: 2s, max_waiting: 5 }}\nredis: {{ url: \"redis://r:6379/0\", failure_mode: closed }}\n"
+        );
+        let c = parse(&ok, None).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(
+            (r.key_prefix.as_str(), r.failure_mode, r.replicas),
+            ("llmgw", crate::config::FailureMode::Closed, 1)
+        );
+        assert_eq!(c.queue.max_waiting, 5);
     }
 }

@@ -194,25 +194,37 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit() {
     let redis = RedisServer::start().await;
     let text = config("", [", limits: { rpm: 5 }", "", ""], &redis_section(&redis, "closed", 2));
     let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
-    let mut admitted = 0;
+    let (mut admitted, mut on_a) = (0, (0, 0));
     for i in 0..10 {
-        match call(if i % 2 == 0 { &a } else { &b }, "key-a", "m").await {
-            Ok(_) => admitted += 1,
-            Err(s) => assert_refused(&s, Code::ResourceExhausted, "RATE_LIMITED", "key:key-a"),
+        let via_a = i % 2 == 0;
+        match call(if via_a { &a } else { &b }, "key-a", "m").await {
+            Ok(_) => {
+                admitted += 1;
+                on_a.0 += u32::from(via_a);
+            }
+            Err(s) => {
+                assert_refused(&s, Code::ResourceExhausted, "RATE_LIMITED", "key:key-a");
+                on_a.1 += u32::from(via_a);
+            }
         }
     }
     assert_eq!(admitted, 5, "rpm 5 holds for both gateways together");
+    // Round trips, counted: an admitted call makes two (admission, settle),
+    // a refused one one (nothing to settle).
+    let trips = f64::from(2 * on_a.0 + on_a.1);
+    let series = "llm_gateway_redis_round_trip_seconds_count ";
+    eventually(WAIT, "every settle to land", async || sample(&scrape(&a).await, series) == Some(trips)).await;
     // Every key of one admission shares one hash tag (one Cluster slot).
     let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*")).await;
     assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("{llmgw}:v1:")), "{keys:?}");
-    // A restarted Redis has lost its scripts: EVALSHA fails with NOSCRIPT
-    // and the script is sent again with EVAL.
-    let _: () = redis.query(&redis::cmd("SCRIPT").arg("FLUSH")).await;
-    call(&a, "key-b", "m").await.expect("key-b, unlimited");
-    let mut one = redis::cmd("FLUSHALL");
-    let _: () = redis.query(one.arg("SYNC")).await;
-    let _: () = redis.query(&redis::cmd("SCRIPT").arg("FLUSH")).await;
-    call(&b, "key-a", "m").await.expect("admitted again after NOSCRIPT, through EVAL");
+    // A Redis that lost its scripts (restart, failover): EVALSHA fails with
+    // NOSCRIPT and the step is sent again whole, with EVAL.
+    let _: () = redis.query(redis::cmd("FLUSHALL").arg("SYNC")).await;
+    let _: () = redis.query(redis::cmd("SCRIPT").arg("FLUSH")).await;
+    call(&b, "key-a", "m").await.expect("admitted: the counts were flushed");
+    let sha = redis::Script::new(include_str!("../../src/admission/charge_v1.lua")).get_hash().to_owned();
+    let exists: Vec<i64> = redis.query(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)).await;
+    assert_eq!(exists, [1], "EVAL brought the script back");
 }
 
 #[tokio::test]
