@@ -315,3 +315,41 @@ async fn redis_down_or_frozen_with_failure_mode_closed_fails_limited_calls_at_on
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_cancelled_stream_is_charged_what_it_streamed_and_a_finished_one_its_cost() {
+    let prices = "prices:\n  - { provider: mk, model: \"lorem?tokens=4\", input: 2.0, output: 10.0 }\n";
+    let gw = Gateway::start(&config("", [", budget: { tokens: 1000, window: 1d }", "", ""], prices)).await;
+    let mut client = gw.client().await;
+    // A streamed answer's last message carries its cost.
+    let answer = crate::harness::stream_call(&mut client, with_key("key-b", stream_request("m", "hi"))).await;
+    let usage = answer.messages.last().and_then(|m| m.usage).expect("usage on the last message");
+    assert!(
+        usage.cost_usd > 0.0
+            && (usage.cost_usd - (f64::from(usage.input_tokens) * 2.0 + 40.0) / 1e6).abs() < 1e-12
+    );
+    // A slow stream reserves its estimate (8) + max_tokens (20) of key-a's
+    // budget; cancelled after 3 deltas it is charged 8 + what streamed.
+    let mut r = stream_request("slow", "x");
+    r.max_tokens = Some(20);
+    let mut stream = within(WAIT, "slow stream", client.stream_completion(with_key("key-a", r)))
+        .await
+        .expect("admitted")
+        .into_inner();
+    for _ in 0..3 {
+        within(WAIT, "a delta", stream.message()).await.expect("delta").expect("a message");
+    }
+    drop(stream);
+    let left = "llm_gateway_budget_remaining_tokens{key=\"key-a\"}";
+    let mut seen = None;
+    eventually(WAIT, "the cancelled call's settle", async || {
+        seen = sample(&scrape(&gw).await, left);
+        seen.is_some_and(|v| v > 972.0)
+    })
+    .await;
+    let charged = 1000.0 - seen.unwrap_or_default();
+    assert!(
+        (11.0..=14.0).contains(&charged),
+        "charged {charged}: the input estimate and about 3 tokens streamed"
+    );
+}
