@@ -367,28 +367,23 @@ impl Ticket {
             && !subjects.is_empty()
             && !plan.queue.is_empty()
         {
-            let ahead = plan.queue.len() as u64;
-            let estimate = expected_wait(
-                &limits,
-                admission.share_of(Where::Local).max(1),
-                None,
-                super::queue::Ahead { waiters: ahead, tokens: ahead * tokens },
-            );
+            let Some(slot) = admission.waiting.enter() else {
+                let d = "the wait queue is full (queue.max_waiting)".to_owned();
+                return Err(self.refused(self.queue_refusal(plan, d, None)));
+            };
+            let (joined, ahead) = plan.queue.join(tokens);
+            let decides = if admission.shared_is_up() == Some(false) { Where::Local } else { Where::Shared };
+            let estimate = expected_wait(&limits, admission.share_of(decides), None, ahead);
             if started + estimate > wait_until {
                 let d = format!(
-                    "{ahead} call(s) wait for target {}/{}; the wait (about {estimate:?}) would pass the call's deadline or queue.max_wait",
-                    plan.provider, plan.model
+                    "{} call(s) wait for target {}/{}; the wait (about {estimate:?}) would pass the call's deadline or queue.max_wait",
+                    ahead.waiters, plan.provider, plan.model
                 );
+                // Leaves the queue (and its slot) at once.
+                drop((joined, slot));
                 return Err(self.refused(self.queue_refusal(plan, d, Some(estimate))));
             }
-            let Some(slot) = admission.waiting.enter() else {
-                return Err(self.refused(self.queue_refusal(
-                    plan,
-                    "the wait queue is full (queue.max_waiting)".into(),
-                    None,
-                )));
-            };
-            place = Some((plan.queue.join(tokens).0, slot));
+            place = Some((joined, slot));
         }
         let result = loop {
             if let (Some((p, _)), Some(plan)) = (&place, &plan)

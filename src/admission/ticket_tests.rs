@@ -212,3 +212,22 @@ async fn usd_budgets_and_cost_follow_prices() {
     assert_eq!(refused.reason, RefusalReason::BudgetExhausted);
     assert!(refused.description.contains("0.001 USD"), "{}", refused.description);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_behind_the_queue_counts_the_refill_of_those_ahead() {
+    let a = admission("    limits: { rpm: 1 }", "", "queue: { max_wait: 10m }");
+    ticket(&a, 1, None).reserve("p", "a", soon()).await.unwrap();
+    let mut first = ticket(&a, 1, None);
+    let mut waiting = first.reserve("p", "a", Some(std::time::Instant::now() + Duration::from_secs(120)));
+    assert!((&mut waiting).now_or_never().is_none(), "the first waiter queues");
+    // One waiter ahead at rpm 1: at least a minute more; 30 s is too short.
+    let started = tokio::time::Instant::now();
+    let late = ticket(&a, 1, None)
+        .reserve("p", "a", Some(std::time::Instant::now() + Duration::from_secs(30)))
+        .await
+        .unwrap_err();
+    assert_eq!((late.reason, late.scope), (RefusalReason::QueueTimeout, Scope::Target));
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(late.description.contains("1 call(s) wait"), "{}", late.description);
+    drop(waiting);
+}
