@@ -9,13 +9,16 @@
 //!    server span, deadline, auth (`authorization`), validation, the
 //!    committed response stream, metrics and the log line; reads the
 //!    config's keys and timeouts.
-//! 5. `routing` — model name to targets, tried in order before the first
+//! 5. `admission` — after auth, a ticket per call: the key's and each
+//!    target's limits, the queue and the budget (local, or shared in Redis);
+//!    routing asks it before every attempt, the call settles it at its end.
+//! 6. `routing` — model name to targets, tried in order before the first
 //!    delta; one client span and attempt metrics per upstream attempt.
-//! 6. `providers` — one wire format each, HTTP/SSE to the upstream.
+//! 7. `providers` — one wire format each, HTTP/SSE to the upstream.
 //!
 //! Beside them: `admin` (healthz, readyz, metrics), `telemetry`, `tls`
 //! (certificates reloaded for new handshakes) and `reload` (the config file
-//! reloaded into `core`'s swappable snapshot: router and keys).
+//! reloaded into `core`'s swappable snapshot: router, keys, admission).
 
 use std::{
     net::SocketAddr,
@@ -30,6 +33,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     admin::{self, AdminState},
+    admission::Admission,
     api::{GatewayService, pb},
     config::Config,
     core::{Core, Keys, Live},
@@ -56,6 +60,8 @@ pub enum AppError {
     Admin(std::io::Error),
     #[error("server.tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("admission: {0}")]
+    Admission(#[from] crate::admission::SetupError),
 }
 
 /// The gateway's two listeners, bound before it runs so that callers (and
@@ -100,11 +106,12 @@ pub async fn run(
     run_with(config, None, listeners, shutdown).await
 }
 
-/// What a config reload swaps in: the routes (and their providers) and the
-/// client keys, built from `config`.
+/// What a config reload swaps in: the routes (and their providers), the
+/// client keys and admission (limits, budgets, prices), built from `config`.
 fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live, AppError> {
     let router = Router::new(config, metrics.clone()).map_err(|(name, e)| AppError::Provider(name, e))?;
-    Ok(Live { router, keys: Keys::new(&config.api_keys) })
+    let admission = Arc::new(Admission::new(config, metrics.clone())?);
+    Ok(Live { router, keys: Keys::new(&config.api_keys), admission })
 }
 
 /// [`run`], reloading the config from `source` (when given) on request and
@@ -118,6 +125,7 @@ pub async fn run_with(
     let metrics = Arc::new(Metrics::new());
     let tls = config.server.tls.as_ref().map(Tls::load).transpose()?;
     let live = build_live(&config, &metrics)?;
+    live.admission.connect().await;
     let draining = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     // Counts the gateway's calls in flight, so the drain knows when the
@@ -190,6 +198,8 @@ pub async fn run_with(
             }
         };
         drain.finish(config.server.shutdown_grace, cancel).await;
+        // The last calls' settles, on their way to Redis.
+        core.live.load().admission.drain(CANCEL_WAIT).await;
         admin_stop.cancel();
     };
     // New handshakes pick up renewed certificate files until the drain.

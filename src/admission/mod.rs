@@ -2,10 +2,33 @@
 //! budgets that apply to its key and to each target. It knows callers only as
 //! key names and requests only as token estimates: nothing of gRPC, HTTP or
 //! wire formats. Routing asks it, through [`Gate`], before every attempt.
+//!
+//! A call gets a [`Ticket`] from [`Admission`] after auth; the ticket is the
+//! call's [`Gate`] and lives as long as the call. Files, one concern each:
+//! `estimate` (tokens of a request), `window` (60 s sliding windows),
+//! `limits` (the local backend), `queue` (FIFO waiters), `budget` (per-key
+//! windows), `prices` (USD), `redis` (the shared backend and its script),
+//! `plan` (what a step asks of a backend), `control` (the gateway-wide
+//! state), `ticket` (one call).
+
+mod budget;
+mod control;
+pub mod estimate;
+mod limits;
+mod plan;
+pub mod prices;
+mod queue;
+mod redis;
+mod ticket;
+mod window;
 
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+
+pub use control::Admission;
+pub use redis::SetupError;
+pub use ticket::Ticket;
 
 /// Why admission said no. The front door maps it to its protocol's
 /// "resource exhausted" (or "unavailable" for [`RefusalReason::LimiterUnavailable`]).
@@ -94,3 +117,7 @@ impl Gate for Open {
 
     fn release(&mut self, _: &str, _: &str) {}
 }
+
+#[cfg(test)]
+#[path = "ticket_tests.rs"]
+mod ticket_tests;

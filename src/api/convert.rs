@@ -195,12 +195,12 @@ pub fn finish_reason(r: Option<FinishReason>) -> pb::FinishReason {
     }
 }
 
-pub fn usage(u: crate::chat::Usage) -> pb::Usage {
+pub fn usage(u: crate::chat::Usage, cost_usd: f64) -> pb::Usage {
     pb::Usage {
         input_tokens: u.input_tokens,
         output_tokens: u.output_tokens,
         total_tokens: u.total(),
-        cost_usd: 0.0,
+        cost_usd,
         cached_input_tokens: u.cached_input_tokens,
         reasoning_tokens: u.reasoning_tokens,
     }
@@ -223,7 +223,8 @@ pub fn stream_message(d: Delta, id: String) -> pb::StreamCompletionResponse {
             })
             .collect(),
         finish_reason: d.finish.map(|f| finish_reason(f.reason)).unwrap_or_default() as i32,
-        usage: d.finish.map(|f| usage(f.usage)),
+        // The cost is the call's to fill in (`Call::cost_usd`).
+        usage: d.finish.map(|f| usage(f.usage, 0.0)),
         model: String::new(),
         provider: String::new(),
     }

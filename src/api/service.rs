@@ -48,7 +48,7 @@ impl pb::llm_gateway_server::LlmGateway for GatewayService {
                     reasoning: answer.reasoning,
                     tool_calls,
                     finish_reason: convert::finish_reason(answer.finish.reason) as i32,
-                    usage: Some(convert::usage(answer.finish.usage)),
+                    usage: Some(convert::usage(answer.finish.usage, answer.cost_usd)),
                 });
                 *response.metadata_mut() = response_headers(&call);
                 Ok(response)

@@ -36,6 +36,9 @@ impl Stream for ResponseStream {
             Some(Ok(delta)) => delta,
         };
         let mut message = convert::stream_message(delta, this.inner.id().to_owned());
+        if let Some(usage) = &mut message.usage {
+            usage.cost_usd = this.inner.call().cost_usd();
+        }
         if std::mem::take(&mut this.first) {
             let call = this.inner.call();
             message.provider = call.provider().map(|p| p.to_string()).unwrap_or_default();

@@ -3,7 +3,7 @@
 
 use std::{fmt, path::Path};
 
-use super::schema::{Config, ProviderConfig, ProviderKind, ReasoningConfig};
+use super::schema::{Config, LimitsConfig, ProviderConfig, ProviderKind, ReasoningConfig};
 
 const DEFAULT: &str = include_str!("default.yaml");
 
@@ -94,16 +94,13 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 }
             }
         }
-        if let Some(var) = &provider.api_key_env {
-            let ok = !var.is_empty()
-                && var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-                && !var.starts_with(|ch: char| ch.is_ascii_digit());
-            if !ok {
-                return Err((
-                    p(&["providers", name, "api_key_env"]),
-                    "must name an environment variable (letters, digits, _), not hold a key".into(),
-                ));
-            }
+        if let Some(var) = &provider.api_key_env
+            && !env_name_ok(var)
+        {
+            return Err((
+                p(&["providers", name, "api_key_env"]),
+                "must name an environment variable (letters, digits, _), not hold a key".into(),
+            ));
         }
         if let Some(proxy) = &provider.proxy {
             let at = p(&["providers", name, "proxy"]);
@@ -228,6 +225,123 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     }
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
+    }
+    validate_admission(c)
+}
+
+fn env_name_ok(var: &str) -> bool {
+    !var.is_empty()
+        && var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        && !var.starts_with(|ch: char| ch.is_ascii_digit())
+}
+
+/// Limits, budgets, prices, queue and Redis (CONTRACT.md sections 6 and 7).
+fn validate_admission(c: &Config) -> Result<(), (Vec<String>, String)> {
+    let path = |parts: &[&str]| parts.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let limits = |at: Vec<String>, l: &LimitsConfig| -> Result<(), (Vec<String>, String)> {
+        let figures = [("rpm", l.rpm), ("tpm", l.tpm), ("concurrency", l.concurrency.map(u64::from))];
+        for (name, v) in figures {
+            if v == Some(0) {
+                let mut at = at.clone();
+                at.push(name.into());
+                return Err((at, "must be at least 1 (omit it for no limit)".into()));
+            }
+        }
+        Ok(())
+    };
+    for (name, provider) in &c.providers {
+        limits(path(&["providers", name, "limits"]), &provider.limits)?;
+        for (model, l) in &provider.model_limits {
+            let at = path(&["providers", name, "model_limits", model]);
+            let served =
+                c.models.values().flat_map(|m| &m.targets).any(|t| &t.provider == name && &t.model == model);
+            if !served {
+                return Err((
+                    at,
+                    format!("no target under `models` sends model {model:?} to provider {name:?}"),
+                ));
+            }
+            limits(at, l)?;
+        }
+    }
+    for (i, k) in c.api_keys.iter().enumerate() {
+        let at = |field: &str| vec!["api_keys".into(), format!("[{i}]"), field.into()];
+        limits(at("limits"), &k.limits)?;
+        if let Some(b) = &k.budget {
+            let sub = |field: &str| vec!["api_keys".into(), format!("[{i}]"), "budget".into(), field.into()];
+            if b.usd.is_none() && b.tokens.is_none() {
+                return Err((at("budget"), "needs `usd`, `tokens` or both".into()));
+            }
+            if let Some(usd) = b.usd
+                && !(usd.is_finite() && usd > 0.0 && usd <= 1e6)
+            {
+                return Err((sub("usd"), "must be a number of dollars above 0 and at most 1000000".into()));
+            }
+            if b.tokens == Some(0) {
+                return Err((sub("tokens"), "must be at least 1 (omit it for no token budget)".into()));
+            }
+            if b.window < std::time::Duration::from_secs(1) {
+                return Err((sub("window"), "must be at least 1s".into()));
+            }
+        }
+    }
+    let mut priced = std::collections::HashSet::new();
+    for (i, price) in c.prices.iter().enumerate() {
+        let at = |field: &str| vec!["prices".into(), format!("[{i}]"), field.into()];
+        if !c.providers.contains_key(&price.provider) {
+            return Err((
+                at("provider"),
+                format!("no provider named {:?} under `providers`", price.provider),
+            ));
+        }
+        if price.model.is_empty() {
+            return Err((at("model"), "must not be empty".into()));
+        }
+        if !priced.insert((price.provider.as_str(), price.model.as_str())) {
+            return Err((at("model"), format!("{:?} of {:?} is priced twice", price.model, price.provider)));
+        }
+        let figures = [
+            ("input", Some(price.input)),
+            ("output", Some(price.output)),
+            ("cached_input", price.cached_input),
+        ];
+        for (field, v) in figures {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err((at(field), "must be a number of USD per million tokens, 0 or more".into()));
+            }
+        }
+    }
+    if let Some(r) = &c.redis {
+        let at = |field: &str| path(&["redis", field]);
+        match reqwest::Url::parse(&r.url) {
+            Ok(u) if u.scheme() == "redis" => {}
+            Ok(u) if u.scheme() == "rediss" => {
+                return Err((at("url"), "TLS to Redis (rediss://) is not built in; use redis://".into()));
+            }
+            _ => return Err((at("url"), "must be a URL like redis://host:6379/0".into())),
+        }
+        if let Some(var) = &r.password_env
+            && !env_name_ok(var)
+        {
+            return Err((
+                at("password_env"),
+                "must name an environment variable (letters, digits, _), not hold a password".into(),
+            ));
+        }
+        if r.key_prefix.is_empty()
+            || r.key_prefix.contains(['{', '}'])
+            || r.key_prefix.contains(char::is_whitespace)
+        {
+            return Err((at("key_prefix"), "must be a non-empty name without braces or spaces".into()));
+        }
+        if r.timeout < std::time::Duration::from_millis(1) || r.timeout > std::time::Duration::from_secs(10) {
+            return Err((at("timeout"), "must be between 1ms and 10s".into()));
+        }
+        if r.replicas == 0 {
+            return Err((at("replicas"), "must be at least 1".into()));
+        }
     }
     Ok(())
 }
@@ -462,5 +576,63 @@ api_keys:
         let e = parse(&text, None).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("api_keys[0].key_sha256"));
         assert_eq!(e.line, Some(18), "{e}");
+    }
+
+    #[test]
+    fn admission_keys_are_checked_by_key_and_line() {
+        let cases = [
+            // (replace in GOOD, add at the end, key, line)
+            (
+                "    kind: mock\n",
+                "    kind: mock\n    limits: { rpm: 0 }\n",
+                "providers.m.limits.rpm",
+                Some(9),
+            ),
+            (
+                "    api_key_env: OPENAI_API_KEY\n",
+                "    api_key_env: OPENAI_API_KEY\n    model_limits:\n      gpt-5: { rpm: 1 }\n",
+                "providers.openai.model_limits.gpt-5",
+                Some(8),
+            ),
+            ("models: [chat] }", "models: [chat], budget: { window: 1d } }", "api_keys[0].budget", Some(18)),
+            (
+                "models: [chat] }",
+                "models: [chat], limits: { concurrency: 0 } }",
+                "api_keys[0].limits.concurrency",
+                Some(18),
+            ),
+        ];
+        for (from, to, key, line) in cases {
+            let text = GOOD.replace(from, to);
+            let e = parse(&text, None).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.line, line, "{e}");
+        }
+        let tail = [
+            ("prices:\n  - { provider: nope, model: x, input: 1, output: 1 }\n", "prices[0].provider", 20),
+            ("prices:\n  - { provider: m, model: x, input: -1, output: 1 }\n", "prices[0].input", 20),
+            ("redis:\n  url: rediss://r:6379\n", "redis.url", 20),
+            ("redis:\n  url: redis://r:6379\n  password_env: \"p w\"\n", "redis.password_env", 21),
+            ("redis:\n  url: redis://r:6379\n  key_prefix: \"{x}\"\n", "redis.key_prefix", 21),
+            ("redis:\n  url: redis://r:6379\n  replicas: 0\n", "redis.replicas", 21),
+        ];
+        for (add, key, line) in tail {
+            let e = parse(&format!("{GOOD}{add}"), None).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+        }
+        let e = parse(&format!("{GOOD}redis:\n  url: redis://r:6379\n  failure_mode: maybe\n"), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("maybe") && e.line == Some(21), "{e}");
+        let ok = format!(
+            "{GOOD}prices:\n  - {{ provider: openai, model: gpt-4o-mini, input: 0.15, output: 0.6 }}\nqueue: {{ max_wait: 2s, max_waiting: 5 }}\nredis: {{ url: \"redis://r:6379/0\", failure_mode: closed }}\n"
+        );
+        let c = parse(&ok, None).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(
+            (r.key_prefix.as_str(), r.failure_mode, r.replicas),
+            ("llmgw", crate::config::FailureMode::Closed, 1)
+        );
+        assert_eq!(c.queue.max_waiting, 5);
     }
 }

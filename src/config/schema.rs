@@ -20,6 +20,14 @@ pub struct Config {
     pub api_keys: Vec<ApiKeyConfig>,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// USD per million tokens, per provider and upstream model.
+    #[serde(default)]
+    pub prices: Vec<PriceConfig>,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Shared admission state; absent: every limit is local to the replica.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -135,6 +143,12 @@ pub struct ProviderConfig {
     /// Behaviour of a `mock` provider.
     #[serde(default)]
     pub mock: MockConfig,
+    /// Limits of the whole account at this provider.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Limits of one upstream model at this provider, by model id.
+    #[serde(default)]
+    pub model_limits: BTreeMap<String, LimitsConfig>,
     /// Ask the upstream for its reasoning text (`gemini`, `anthropic`).
     #[serde(default)]
     pub reasoning: Option<ReasoningConfig>,
@@ -291,6 +305,10 @@ pub struct ApiKeyConfig {
     /// Model names this key may use; empty or `["*"]` means all.
     #[serde(default)]
     pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub budget: Option<BudgetConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -339,6 +357,132 @@ impl Default for TelemetryConfig {
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+/// Rate and concurrency limits of one key, account or model; an absent
+/// figure is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests in any 60 s.
+    pub rpm: Option<u64>,
+    /// Tokens (input and output) in any 60 s.
+    pub tpm: Option<u64>,
+    /// Calls in flight.
+    pub concurrency: Option<u32>,
+}
+
+impl LimitsConfig {
+    pub fn is_empty(&self) -> bool {
+        self.rpm.is_none() && self.tpm.is_none() && self.concurrency.is_none()
+    }
+}
+
+/// What one key may spend per window.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub usd: Option<f64>,
+    pub tokens: Option<u64>,
+    /// Fixed windows counted from the Unix epoch (UTC).
+    #[serde(default = "default_budget_window", deserialize_with = "long_duration")]
+    pub window: Duration,
+}
+
+fn default_budget_window() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+/// The price of one upstream model, USD per million tokens.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    pub provider: String,
+    pub model: String,
+    pub input: f64,
+    pub output: f64,
+    /// Input tokens the provider served from its prompt cache; default: `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Longest wait for a target's limits.
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
+    /// Most calls waiting at once on this replica; 0: no queue.
+    pub max_waiting: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { max_wait: Duration::from_secs(10), max_waiting: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Serve with local limits while Redis is unreachable.
+    #[default]
+    Open,
+    /// Fail the calls that need a limit.
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// The environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// Bound on each Redis round trip, connecting included.
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Replicas sharing the limits: while Redis is unreachable each one
+    /// enforces `limit / replicas` (rounded up) on its own.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+}
+
+fn default_key_prefix() -> String {
+    "llmgw".into()
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// Budget windows may be longer than other durations (a year at most).
+fn long_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    let d = match Raw::deserialize(d)? {
+        Raw::Secs(s) => Duration::from_secs(s),
+        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+            serde::de::Error::custom(format!("{t:?} is not a duration like \"30d\" or \"1h\": {e}"))
+        })?,
+    };
+    if d > Duration::from_secs(366 * 24 * 3600) {
+        return Err(serde::de::Error::custom("a budget window over 366 days is not supported"));
+    }
+    Ok(d)
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);

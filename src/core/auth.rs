@@ -93,7 +93,13 @@ mod tests {
 
     fn keys() -> Keys {
         let digest = hex::encode(Sha256::digest(b"secret"));
-        Keys::new(&[ApiKeyConfig { name: "a".into(), key_sha256: digest, models: vec!["chat".into()] }])
+        Keys::new(&[ApiKeyConfig {
+            name: "a".into(),
+            key_sha256: digest,
+            models: vec!["chat".into()],
+            limits: Default::default(),
+            budget: None,
+        }])
     }
 
     #[test]

@@ -14,7 +14,8 @@ use tracing::Span;
 
 use super::error::CallError;
 use crate::{
-    chat::{ChatRequest, Finish},
+    admission::{Ticket, estimate},
+    chat::{ChatRequest, Finish, Usage},
     telemetry::{
         self, TraceContext,
         metrics::{FinishedCall, Metrics},
@@ -79,6 +80,7 @@ macro_rules! call_span {
             gen_ai.usage.output_tokens = ::tracing::field::Empty,
             llm_gateway.cancelled = ::tracing::field::Empty,
             llm_gateway.streamed_deltas = ::tracing::field::Empty,
+            llm_gateway.queue_wait_ms = ::tracing::field::Empty,
             error.type = ::tracing::field::Empty,
         )
     };
@@ -104,6 +106,11 @@ pub struct Call {
     outcome: Option<(Outcome, &'static str)>,
     /// The completion so far, when content recording is on.
     output: Option<String>,
+    /// Bytes of text streamed: the output estimate of a call whose upstream
+    /// sent no usage.
+    streamed_bytes: usize,
+    /// The call's admission, settled when the call ends (drop included).
+    ticket: Option<Ticket>,
     /// Counts this call as in flight until it is dropped.
     _tracked: TaskTrackerToken,
 }
@@ -152,6 +159,8 @@ impl Call {
             finish: None,
             outcome: None,
             output: None,
+            streamed_bytes: 0,
+            ticket: None,
             _tracked: tracked,
         }
     }
@@ -186,6 +195,7 @@ impl Call {
 
     /// Adds streamed text to the recorded completion, when recording.
     pub fn record_output(&mut self, text: &str) {
+        self.streamed_bytes += text.len();
         if let Some(out) = &mut self.output
             && out.len() < MAX_RECORDED
         {
@@ -212,11 +222,50 @@ impl Call {
         self.deltas += 1;
     }
 
-    pub fn finished(&mut self, finish: Finish) {
+    /// Keeps the call's admission to its end.
+    pub fn set_ticket(&mut self, ticket: Ticket) {
+        self.ticket = Some(ticket);
+    }
+
+    /// Time the call waited in admission's queue, on its span.
+    pub fn set_queue_wait(&self, waited: Duration) {
+        if !waited.is_zero() {
+            self.span.record("llm_gateway.queue_wait_ms", waited.as_secs_f64() * 1e3);
+        }
+    }
+
+    /// USD of the answer's usage at the answering target's price (0 before
+    /// the end, or without a price).
+    pub fn cost_usd(&self) -> f64 {
+        match (&self.ticket, &self.finish) {
+            (Some(t), Some(f)) => t.cost_usd(f.usage, f.usage.cached_input_tokens),
+            _ => 0.0,
+        }
+    }
+
+    /// The output tokens streamed so far, estimated.
+    fn streamed_tokens(&self) -> u32 {
+        estimate::output_tokens(self.streamed_bytes, self.deltas)
+    }
+
+    /// The answer's end: settles the call's admission with the usage. An
+    /// upstream that sent none (llama.cpp's server, say) gets the estimate
+    /// instead: a streamed answer never reports 0 tokens. Returns the
+    /// finish as the caller is told it.
+    pub fn finished(&mut self, mut finish: Finish) -> Finish {
+        if finish.usage == Usage::default() && self.deltas > 0 {
+            let input = self.ticket.as_ref().map_or(0, Ticket::input_estimate);
+            finish.usage =
+                Usage { input_tokens: input, output_tokens: self.streamed_tokens(), ..Usage::default() };
+        }
+        if let Some(ticket) = &mut self.ticket {
+            ticket.settle(Some(finish.usage), self.deltas);
+        }
         self.finish = Some(finish);
         self.span.record("gen_ai.usage.input_tokens", i64::from(finish.usage.input_tokens));
         self.span.record("gen_ai.usage.output_tokens", i64::from(finish.usage.output_tokens));
         self.outcome = Some((self.door.ok, ""));
+        finish
     }
 
     /// The answer ended with its final delta.
@@ -245,6 +294,12 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
+        // A call that did not finish (failed mid-stream, cancelled, past its
+        // deadline) is charged what it streamed.
+        let streamed = self.streamed_tokens();
+        if let Some(ticket) = &mut self.ticket {
+            ticket.settle(None, streamed);
+        }
         // No outcome recorded: the caller went away before the end.
         let cancelled = self.outcome.is_none();
         let (outcome, error_type) = self.outcome.unwrap_or((self.door.cancelled, "cancelled"));

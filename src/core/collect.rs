@@ -17,6 +17,8 @@ pub struct Answer {
     pub reasoning: String,
     pub tool_calls: Vec<ToolCall>,
     pub finish: Finish,
+    /// USD of `finish.usage`, from `prices`.
+    pub cost_usd: f64,
 }
 
 #[derive(Default)]
@@ -89,6 +91,7 @@ impl Collector {
                 .filter(|t| !t.name.is_empty() || !t.id.is_empty())
                 .collect(),
             finish: self.finish.unwrap_or_default(),
+            cost_usd: 0.0,
         }
     }
 }

@@ -27,15 +27,17 @@ pub use error::{CallError, Reason};
 pub use open::{ModelInfo, Validated, WireRequest};
 pub use stream::CallStream;
 
-use crate::{routing::Router, telemetry::metrics::Metrics};
+use crate::{admission::Admission, routing::Router, telemetry::metrics::Metrics};
 
 /// What a config reload replaces, all at once: models and providers (the
-/// router) and the client keys. A call takes the snapshot once, when it
-/// starts, and keeps it to its end, so a reload never changes a call in
-/// flight.
+/// router), the client keys, and their limits, budgets and prices
+/// (admission). A call takes the snapshot once, when it starts, and keeps it
+/// to its end, so a reload never changes a call in flight. Limits kept in
+/// Redis carry over a reload; local counters start afresh.
 pub struct Live {
     pub router: Router,
     pub keys: Keys,
+    pub admission: Arc<Admission>,
 }
 
 /// What every call needs, shared by all of them and by every front door.

@@ -18,6 +18,7 @@ use super::{
     stream::CallStream,
 };
 use crate::{
+    admission::estimate,
     chat::ChatRequest,
     routing::{Failure, FailureKind, RouteError, Routed},
 };
@@ -91,20 +92,30 @@ impl Core {
         if self.record_content {
             call.record_prompt(&request);
         }
-        // Admission's per-call ticket goes here (issue 12); until then, no limits.
-        let mut gate = crate::admission::Open;
-        let routed =
-            match live.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut gate).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // The caller learns which target failed last.
-                    if let RouteError::Failed { provider, model, .. } = &e {
-                        call.set_target(provider.clone(), model.clone(), None);
-                    }
-                    return Err(e.into());
+        // The call's admission: routing reserves through it before every
+        // attempt; the call keeps it to its end, and settles it then.
+        let mut ticket = live.admission.ticket(
+            caller.key_name.as_deref(),
+            estimate::input_tokens(&request),
+            request.max_tokens,
+        );
+        let opened =
+            live.router.open(&model, Arc::new(request), &call.trace, call.deadline, &mut ticket).await;
+        call.set_queue_wait(ticket.waited());
+        let routed = match opened {
+            Ok(r) => r,
+            Err(e) => {
+                // No upstream answered: the reservations all come back.
+                ticket.settle(Some(Default::default()), 0);
+                // The caller learns which target failed last.
+                if let RouteError::Failed { provider, model, .. } = &e {
+                    call.set_target(provider.clone(), model.clone(), None);
                 }
-            };
+                return Err(e.into());
+            }
+        };
         call.set_target(routed.provider.clone(), routed.model.clone(), routed.stream.attempt().ttft());
+        call.set_ticket(ticket);
         Ok(routed)
     }
 
@@ -186,8 +197,9 @@ impl Core {
             })
             .instrument(span)
             .await?;
-        let answer = collected.answer(&call.request_id);
-        call.finished(answer.finish);
+        let mut answer = collected.answer(&call.request_id);
+        answer.finish = call.finished(answer.finish);
+        answer.cost_usd = call.cost_usd();
         Ok(answer)
     }
 

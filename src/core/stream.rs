@@ -85,7 +85,7 @@ impl Stream for CallStream {
         {
             return this.fail(CallError::DeadlineExceeded);
         }
-        let delta = match this.upstream.poll_next_unpin(cx) {
+        let mut delta = match this.upstream.poll_next_unpin(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
                 this.done = true;
@@ -102,7 +102,9 @@ impl Stream for CallStream {
             this.id.clone_from(id);
         }
         if let Some(finish) = delta.finish {
-            this.call.finished(finish);
+            // The usage as the call reports it (estimated when the upstream
+            // sent none); its cost is `call().cost_usd()`.
+            delta.finish = Some(this.call.finished(finish));
             this.done = true;
         }
         Poll::Ready(Some(Ok(delta)))

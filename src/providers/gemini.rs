@@ -751,7 +751,7 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_carry() {
         let field = |req: ChatRequest| match body(&req, None) {
-            Err(ProviderError::Upstream { message, .. }) => message.split(':').next().unwrap().to_owned(),
+            Err(ProviderError::Unsupported { field, .. }) => field,
             other => panic!("accepted: {other:?}"),
         };
         let mut named = Message::new(Role::User, "hi");

@@ -92,6 +92,7 @@ pub struct Metrics {
     pub routing: super::routing_metrics::RoutingMetrics,
     config_reloads: Family<OutcomeLabels, Counter>,
     tls_reloads: Family<OutcomeLabels, Counter>,
+    pub admission: super::admission_metrics::AdmissionMetrics,
 }
 
 impl Default for Metrics {
@@ -165,6 +166,7 @@ impl Metrics {
             "Reloads of changed TLS files by outcome: ok, error",
             tls_reloads.clone(),
         );
+        let admission = super::admission_metrics::AdmissionMetrics::register(&mut registry);
         Self {
             registry,
             routing,
@@ -179,6 +181,7 @@ impl Metrics {
             dropped_spans,
             config_reloads,
             tls_reloads,
+            admission,
         }
     }
 

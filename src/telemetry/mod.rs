@@ -2,6 +2,7 @@
 //! Trace context crosses the gateway through the OpenTelemetry propagator,
 //! never a hand-written parser.
 
+pub mod admission_metrics;
 mod export;
 mod init;
 pub mod metrics;

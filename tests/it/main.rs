@@ -3,10 +3,12 @@
 #![expect(clippy::expect_used, clippy::panic, reason = "tests fail loudly")]
 
 mod harness;
+mod redis_server;
 mod socks;
 mod upstream;
 mod wire;
 
+mod admission;
 mod auth;
 mod cancel;
 mod config;

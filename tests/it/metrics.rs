@@ -7,7 +7,7 @@ use crate::harness::{
     Gateway, WAIT, collect, completion_request, config, eventually, http, stream_request, within,
 };
 
-async fn scrape(gw: &Gateway) -> String {
+pub(crate) async fn scrape(gw: &Gateway) -> String {
     let response =
         within(WAIT, "GET /metrics", http().get(gw.admin_url("/metrics")).send()).await.expect("GET");
     assert_eq!(response.status(), 200);
@@ -15,7 +15,7 @@ async fn scrape(gw: &Gateway) -> String {
 }
 
 /// The value of the sample whose line starts with `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 

@@ -1,0 +1,324 @@
+//! The shared backend: every replica's limits and budgets in one Redis (or
+//! Valkey), one script call per admission step. The script is sent by its
+//! SHA-1 (EVALSHA) and, when the server does not know it (NOSCRIPT: a
+//! restart, a failover, a proxy in front of several nodes), sent whole with
+//! EVAL in the same step, never through a separate SCRIPT LOAD. Every round
+//! trip has its own timeout. After a failure Redis is left alone for a
+//! short while (each call then decides at once by `failure_mode`), and one
+//! call probes it again; the connection manager reconnects by itself.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use redis::{
+    ErrorKind, IntoConnectionInfo, ServerErrorKind,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use tokio::time::Instant;
+
+use super::{
+    budget::{Exhausted, Spending},
+    plan::{BudgetOp, BudgetState, Denial, Granted, Op},
+    window::{Exceeded, Full},
+};
+use crate::{config::RedisConfig, telemetry::metrics::Metrics};
+
+/// The script, named with its version (its first line says `llmgw_charge_v1`).
+const SCRIPT: &str = include_str!("charge_v1.lua");
+
+/// How long Redis is left alone after a failure before one call probes it.
+const PROBE_AFTER: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("redis.password_env: the environment variable {0} is not set or empty")]
+    Password(String),
+    #[error("redis.url: {0}")]
+    Url(String),
+}
+
+/// Why a step did not reach a decision in Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreachable {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Failed(String),
+    #[error("redis failed moments ago; not asked again yet")]
+    Resting,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Health {
+    Up,
+    /// Since an incident; asked again from `probe_at`.
+    Down {
+        probe_at: Instant,
+    },
+}
+
+pub struct Shared {
+    conn: ConnectionManager,
+    timeout: Duration,
+    sha: String,
+    health: Mutex<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection info holds the password: never printed.
+        f.debug_struct("Shared").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Builds the client; it connects on first use, so a Redis that is down
+    /// at start-up is an incident like any other, not a failed start.
+    pub fn new(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<Self, SetupError> {
+        let mut info =
+            config.url.as_str().into_connection_info().map_err(|e| SetupError::Url(e.to_string()))?;
+        if let Some(var) = &config.password_env {
+            let password = std::env::var(var).ok().filter(|p| !p.is_empty());
+            let Some(password) = password else { return Err(SetupError::Password(var.clone())) };
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|e| SetupError::Url(e.to_string()))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(PROBE_AFTER);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| SetupError::Url(e.to_string()))?;
+        let sha = redis::Script::new(SCRIPT).get_hash().to_owned();
+        metrics.admission.redis_up(true);
+        Ok(Self { conn, timeout: config.timeout, sha, health: Mutex::new(Health::Up), metrics })
+    }
+
+    /// Connects now (bounded by the timeout), so the first call does not
+    /// pay for it; a failure is logged and counted like any incident.
+    pub async fn connect(&self) {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                self.failed(Unreachable::Failed(error_text(&e)));
+            }
+            Err(_) => {
+                self.failed(Unreachable::Timeout(self.timeout));
+            }
+        }
+    }
+
+    /// Runs one step in Redis: the decision, or why there is none.
+    pub async fn run(&self, op: &Op) -> Result<Result<Granted, Denial>, Unreachable> {
+        if !self.may_ask() {
+            return Err(Unreachable::Resting);
+        }
+        let started = Instant::now();
+        let reply = tokio::time::timeout(self.timeout, self.eval(op)).await;
+        self.metrics.admission.redis_round_trip(started.elapsed());
+        let reply = match reply {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => return Err(self.failed(Unreachable::Failed(error_text(&e)))),
+            Err(_) => return Err(self.failed(Unreachable::Timeout(self.timeout))),
+        };
+        match decode(&reply) {
+            Some(decision) => {
+                self.succeeded();
+                Ok(decision)
+            }
+            None => Err(self.failed(Unreachable::Failed(format!("unexpected script reply {reply:?}")))),
+        }
+    }
+
+    async fn eval(&self, op: &Op) -> redis::RedisResult<Vec<i64>> {
+        let mut conn = self.conn.clone();
+        match command(op, "EVALSHA", &self.sha).query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                command(op, "EVAL", SCRIPT).query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Up, or down long enough that this call may probe (the others keep
+    /// leaving Redis alone meanwhile).
+    fn may_ask(&self) -> bool {
+        let mut health = self.lock();
+        match *health {
+            Health::Up => true,
+            Health::Down { probe_at } => {
+                let now = Instant::now();
+                if now < probe_at {
+                    return false;
+                }
+                *health = Health::Down { probe_at: now + PROBE_AFTER };
+                true
+            }
+        }
+    }
+
+    fn failed(&self, why: Unreachable) -> Unreachable {
+        let kind = match why {
+            Unreachable::Timeout(_) => "timeout",
+            _ => "error",
+        };
+        self.metrics.admission.redis_error(kind);
+        let was_up = {
+            let mut health = self.lock();
+            let was_up = matches!(*health, Health::Up);
+            *health = Health::Down { probe_at: Instant::now() + PROBE_AFTER };
+            was_up
+        };
+        if was_up {
+            // One line per incident; the end of it gets one too.
+            tracing::warn!(error = %why, "redis unreachable: admission decides by failure_mode until it is back");
+            self.metrics.admission.redis_up(false);
+        }
+        why
+    }
+
+    fn succeeded(&self) {
+        let was_down = {
+            let mut health = self.lock();
+            std::mem::replace(&mut *health, Health::Up)
+        };
+        if matches!(was_down, Health::Down { .. }) {
+            tracing::info!("redis reachable again: shared limits apply");
+            self.metrics.admission.redis_up(true);
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(*self.lock(), Health::Up)
+    }
+}
+
+fn error_text(e: &redis::RedisError) -> String {
+    // Redis error texts carry no secrets (AUTH failures say WRONGPASS).
+    e.to_string()
+}
+
+/// The script call for `op`: `EVALSHA sha` or `EVAL body`.
+fn command(op: &Op, verb: &str, script: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd(verb);
+    let budget = match &op.budget {
+        BudgetOp::None => None,
+        BudgetOp::Charge { subject, .. } | BudgetOp::Refund { subject, .. } => Some(subject),
+    };
+    let keys = 2 * (op.releases.len() + op.charges.len()) + usize::from(budget.is_some());
+    cmd.arg(script).arg(keys);
+    for s in op.releases.iter().map(|r| &r.subject).chain(op.charges.iter().map(|c| &c.subject)) {
+        cmd.arg(&s.redis.rate).arg(&s.redis.conc);
+    }
+    if let Some(s) = budget {
+        cmd.arg(&s.redis.budget);
+    }
+    let bop = match op.budget {
+        BudgetOp::None => 0,
+        BudgetOp::Charge { .. } => 1,
+        BudgetOp::Refund { .. } => 2,
+    };
+    let lease_ms = u64::try_from(op.lease.as_millis()).unwrap_or(u64::MAX).max(1);
+    cmd.arg(op.member).arg(lease_ms).arg(op.releases.len()).arg(op.charges.len()).arg(bop);
+    for r in &op.releases {
+        let refund = if r.subject.limits.tpm.is_some() { r.refund } else { 0 };
+        cmd.arg(r.at_sec).arg(refund).arg(u8::from(r.subject.has_lease()));
+    }
+    let or_none = |v: Option<u64>| v.and_then(|v| i64::try_from(v).ok()).unwrap_or(-1);
+    for c in &op.charges {
+        let l = &c.subject.limits;
+        cmd.arg(or_none(l.rpm)).arg(or_none(l.tpm)).arg(or_none(l.concurrency.map(u64::from))).arg(c.tokens);
+    }
+    match &op.budget {
+        BudgetOp::None => {}
+        BudgetOp::Charge { subject, tokens, nano_usd } => {
+            let (window, ltok, lusd) = match &subject.budget {
+                Some(b) => (b.window_secs, or_none(b.tokens), b.nano_usd.unwrap_or(-1)),
+                None => (1, -1, -1),
+            };
+            cmd.arg(window).arg(ltok).arg(lusd).arg(*tokens).arg(*nano_usd);
+        }
+        BudgetOp::Refund { window, tokens, nano_usd, .. } => {
+            cmd.arg(*window).arg(*tokens).arg(*nano_usd);
+        }
+    }
+    cmd
+}
+
+/// The script's answer (see the header of `charge_v1.lua`).
+fn decode(reply: &[i64]) -> Option<Result<Granted, Denial>> {
+    match *reply {
+        [1, now_sec, tokens, nano_usd, window] => {
+            let budget = (window >= 0).then(|| BudgetState {
+                window: window as u64,
+                tokens: tokens.max(0) as u64,
+                nano_usd: nano_usd.max(0),
+            });
+            Some(Ok(Granted { at_sec: u64::try_from(now_sec).ok()?, budget }))
+        }
+        [0, index, code, retry_ms, never] => {
+            let retry_after = u64::try_from(retry_ms).ok().map(Duration::from_millis);
+            let never = never == 1;
+            let charge = usize::try_from(index).ok()?.checked_sub(1);
+            let window = |limit| Denial::Window {
+                charge: charge.unwrap_or(0),
+                full: Full { limit, retry_after, never },
+            };
+            let budget = |what| Denial::Budget(Exhausted { what, retry_after, never });
+            Some(Err(match code {
+                1 => window(Exceeded::Rpm),
+                2 => window(Exceeded::Tpm),
+                3 => Denial::Concurrency { charge: charge? },
+                4 => budget(Spending::Tokens),
+                5 => budget(Spending::Usd),
+                _ => return None,
+            }))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_the_script_replies() {
+        assert_eq!(decode(&[1, 100, -1, -1, -1]), Some(Ok(Granted { at_sec: 100, budget: None })));
+        assert_eq!(
+            decode(&[0, 2, 1, 1500, 0]),
+            Some(Err(Denial::Window {
+                charge: 1,
+                full: Full {
+                    limit: Exceeded::Rpm,
+                    retry_after: Some(Duration::from_millis(1500)),
+                    never: false
+                }
+            }))
+        );
+        assert_eq!(decode(&[0, 1, 3, -1, 0]), Some(Err(Denial::Concurrency { charge: 0 })));
+        assert!(matches!(
+            decode(&[0, 0, 5, -1, 1]),
+            Some(Err(Denial::Budget(Exhausted { never: true, .. })))
+        ));
+        assert_eq!(decode(&[7]), None);
+    }
+
+    #[test]
+    fn the_script_says_its_name_and_version() {
+        assert!(SCRIPT.starts_with("-- llmgw_charge_v1:"));
+    }
+}

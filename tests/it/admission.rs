@@ -1,0 +1,355 @@
+//! Admission through the gateway: key and target limits, the queue,
+//! budgets and prices, and limits shared by two gateways through a real
+//! Redis (started per test), including Redis stopped, frozen and restarted
+//! under both failure modes.
+
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+use crate::{
+    harness::{Gateway, WAIT, completion_request, eventually, md, stream_request, within},
+    metrics::{sample, scrape},
+    redis_server::RedisServer,
+};
+
+/// The keys' names; each key is its own name.
+const KEYS: [&str; 3] = ["key-a", "key-b", "key-c"];
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))
+}
+
+/// A gateway config over the mock provider `mk`: model `m` (4 tokens),
+/// `slow` (20 tokens, 50 ms apart), `two` (target `mk/full` then `mk2/m`).
+/// `keys` are `api_keys` entries after the name and digest; `extra` is
+/// appended as top-level keys.
+fn config(mk_limits: &str, keys: [&str; 3], extra: &str) -> String {
+    let mut text = format!(
+        "\
+providers:
+  mk:
+    kind: mock
+    default_max_tokens: 20
+{mk_limits}
+  mk2:
+    kind: mock
+models:
+  m:
+    targets: [{{ provider: mk, model: \"lorem?tokens=4\" }}]
+  slow:
+    targets: [{{ provider: mk, model: \"lorem?tokens=20&delay=50ms\" }}]
+  two:
+    targets: [{{ provider: mk, model: \"full\" }}, {{ provider: mk2, model: \"lorem?tokens=4\" }}]
+api_keys:
+"
+    );
+    for (name, limits) in KEYS.iter().zip(keys) {
+        text.push_str(&format!("  - {{ name: {name}, key_sha256: \"{}\"{limits} }}\n", sha256_hex(name)));
+    }
+    text.push_str(extra);
+    text
+}
+
+fn redis_section(redis: &RedisServer, failure_mode: &str, replicas: u32) -> String {
+    format!(
+        "redis: {{ url: \"{}\", failure_mode: {failure_mode}, replicas: {replicas}, timeout: 100ms }}\n",
+        redis.url()
+    )
+}
+
+fn with_key<T>(key: &str, body: T) -> Request<T> {
+    let mut r = Request::new(body);
+    r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().expect("ascii"));
+    r
+}
+
+async fn call(
+    gw: &Gateway,
+    key: &str,
+    model: &str,
+) -> Result<tonic::Response<llm_gateway::api::pb::CompletionResponse>, tonic::Status> {
+    let mut client = gw.client().await;
+    within(WAIT, "Completion", client.completion(with_key(key, completion_request(model, "hello there"))))
+        .await
+}
+
+/// Checks a refusal: code, ErrorInfo reason, QuotaFailure subject.
+fn assert_refused(status: &tonic::Status, code: Code, reason: &str, subject: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some(reason), "{status:?}");
+    if !subject.is_empty() {
+        let quota = details.quota_failure().expect("QuotaFailure");
+        assert_eq!(quota.violations[0].subject, subject, "{status:?}");
+        assert!(!quota.violations[0].description.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_key_limit_refuses_with_retry_after_and_quota_details() {
+    let gw = Gateway::start(&config("", [", limits: { rpm: 2 }", "", ""], "")).await;
+    for _ in 0..2 {
+        call(&gw, "key-a", "m").await.expect("within the key's rpm");
+    }
+    let refused = call(&gw, "key-a", "m").await.expect_err("third call in a minute");
+    assert_refused(&refused, Code::ResourceExhausted, "RATE_LIMITED", "key:key-a");
+    let after: u64 = md(refused.metadata(), "retry-after-ms").parse().expect("retry-after-ms");
+    assert!((55_000..=61_000).contains(&after), "{after}");
+    assert!(refused.get_error_details().retry_info().is_some());
+    // Another key is not limited by key-a's figure.
+    call(&gw, "key-b", "m").await.expect("key-b has no limit");
+    let text = scrape(&gw).await;
+    assert_eq!(
+        sample(&text, r#"llm_gateway_admission_refused_total{reason="RATE_LIMITED",scope="key"}"#),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_target_falls_back_and_a_call_that_can_never_fit_is_refused_at_once() {
+    let limits = "    model_limits: { full: { rpm: 1 } }\n    limits: { tpm: 1000 }";
+    let gw = Gateway::start(&config(limits, ["", "", ""], "queue: { max_wait: 0s }\n")).await;
+    let first = call(&gw, "key-a", "two").await.expect("first call");
+    assert_eq!(md(first.metadata(), "x-llm-provider"), "mk");
+    // The first target is full: the call goes to the next one, at once.
+    let second = call(&gw, "key-a", "two").await.expect("fallback");
+    assert_eq!(md(second.metadata(), "x-llm-provider"), "mk2");
+    // 5000 tokens reserved can never fit tpm 1000.
+    let mut client = gw.client().await;
+    let mut big = completion_request("m", "hi");
+    big.max_tokens = Some(5000);
+    let refused =
+        within(WAIT, "Completion", client.completion(with_key("key-a", big))).await.expect_err("too big");
+    assert_refused(&refused, Code::ResourceExhausted, "RATE_LIMITED", "target:mk/lorem?tokens=4");
+    assert!(md(refused.metadata(), "retry-after-ms").is_empty(), "it can never fit");
+}
+
+#[tokio::test]
+async fn the_queue_waits_for_a_slot_refuses_a_deadline_it_cannot_meet_and_lets_a_cancelled_call_go() {
+    let limits = "    limits: { concurrency: 1 }\n    model_limits: { \"lorem?tokens=4\": { rpm: 1 } }";
+    let gw = Gateway::start(&config(limits, ["", "", ""], "queue: { max_wait: 10s }\n")).await;
+    let mut client = gw.client().await;
+    // One slow stream holds the provider's only slot.
+    let mut holder =
+        within(WAIT, "slow stream", client.stream_completion(with_key("key-a", stream_request("slow", "x"))))
+            .await
+            .expect("first call")
+            .into_inner();
+    within(WAIT, "first delta", holder.message()).await.expect("delta").expect("a message");
+    // A second call waits in the queue; cancelled, it leaves it at once.
+    let waiting = tokio::spawn({
+        let mut c = gw.client().await;
+        async move { c.completion(with_key("key-b", completion_request("slow", "y"))).await }
+    });
+    let depth = r"llm_gateway_admission_queue_depth ";
+    eventually(WAIT, "the call to queue", async || sample(&scrape(&gw).await, depth) == Some(1.0)).await;
+    waiting.abort();
+    eventually(WAIT, "the cancelled call to leave", async || sample(&scrape(&gw).await, depth) == Some(0.0))
+        .await;
+    // A third waits, and is served when the slow stream ends.
+    let queued = tokio::spawn({
+        let mut c = gw.client().await;
+        async move { c.completion(with_key("key-b", completion_request("slow", "z"))).await }
+    });
+    while within(WAIT, "the slow stream", holder.message()).await.expect("stream").is_some() {}
+    let served =
+        within(WAIT * 2, "the queued call", queued).await.expect("join").expect("served after the wait");
+    assert_eq!(md(served.metadata(), "x-llm-provider"), "mk");
+    let text = scrape(&gw).await;
+    assert!(
+        sample(&text, "llm_gateway_admission_queue_wait_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    // rpm 1 of the model is used: a call with 2 s to live is refused at
+    // once rather than queued for the minute it would need.
+    call(&gw, "key-a", "m").await.expect("the model's one call this minute");
+    let started = Instant::now();
+    let mut r = with_key("key-a", completion_request("m", "late"));
+    r.set_timeout(Duration::from_secs(2));
+    let refused = within(WAIT, "Completion", client.completion(r)).await.expect_err("cannot be met");
+    assert_refused(&refused, Code::ResourceExhausted, "RATE_LIMITED", "target:mk/lorem?tokens=4");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after waiting");
+    assert!(!md(refused.metadata(), "retry-after-ms").is_empty());
+}
+
+#[tokio::test]
+async fn usage_carries_cost_from_prices_and_budgets_refuse_when_spent() {
+    let prices = "prices:\n  - { provider: mk, model: \"lorem?tokens=4\", input: 2.0, output: 10.0 }\n";
+    let gw = Gateway::start(&config("", ["", ", budget: { usd: 0.0001, window: 1d }", ""], prices)).await;
+    let answer = call(&gw, "key-a", "m").await.expect("call").into_inner();
+    let usage = answer.usage.expect("usage");
+    let expected = (f64::from(usage.input_tokens) * 2.0 + f64::from(usage.output_tokens) * 10.0) / 1e6;
+    assert!(usage.output_tokens == 4 && (usage.cost_usd - expected).abs() < 1e-12, "{usage:?}");
+    // key-b: each call reserves (its estimate + 20 max tokens) at the price,
+    // about 0.00023 USD: over a 0.0001 budget, so refused before any upstream.
+    let refused = call(&gw, "key-b", "m").await.expect_err("over budget");
+    assert_refused(&refused, Code::ResourceExhausted, "BUDGET_EXHAUSTED", "key:key-b");
+}
+
+#[tokio::test]
+async fn two_gateways_sharing_redis_admit_exactly_the_limit() {
+    let redis = RedisServer::start().await;
+    let text = config("", [", limits: { rpm: 5 }", "", ""], &redis_section(&redis, "closed", 2));
+    let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
+    let (mut admitted, mut on_a) = (0, (0, 0));
+    for i in 0..10 {
+        let via_a = i % 2 == 0;
+        match call(if via_a { &a } else { &b }, "key-a", "m").await {
+            Ok(_) => {
+                admitted += 1;
+                on_a.0 += u32::from(via_a);
+            }
+            Err(s) => {
+                assert_refused(&s, Code::ResourceExhausted, "RATE_LIMITED", "key:key-a");
+                on_a.1 += u32::from(via_a);
+            }
+        }
+    }
+    assert_eq!(admitted, 5, "rpm 5 holds for both gateways together");
+    // Round trips, counted: an admitted call makes two (admission, settle),
+    // a refused one one (nothing to settle).
+    let trips = f64::from(2 * on_a.0 + on_a.1);
+    let series = "llm_gateway_redis_round_trip_seconds_count ";
+    eventually(WAIT, "every settle to land", async || sample(&scrape(&a).await, series) == Some(trips)).await;
+    // Every key of one admission shares one hash tag (one Cluster slot).
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*")).await;
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("{llmgw}:v1:")), "{keys:?}");
+    // A Redis that lost its scripts (restart, failover): EVALSHA fails with
+    // NOSCRIPT and the step is sent again whole, with EVAL.
+    let _: () = redis.query(redis::cmd("FLUSHALL").arg("SYNC")).await;
+    let _: () = redis.query(redis::cmd("SCRIPT").arg("FLUSH")).await;
+    call(&b, "key-a", "m").await.expect("admitted: the counts were flushed");
+    let sha = redis::Script::new(include_str!("../../src/admission/charge_v1.lua")).get_hash().to_owned();
+    let exists: Vec<i64> = redis.query(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)).await;
+    assert_eq!(exists, [1], "EVAL brought the script back");
+}
+
+#[tokio::test]
+async fn a_budget_spent_through_one_gateway_is_refused_through_the_other() {
+    let redis = RedisServer::start().await;
+    // A call reserves 30 tokens (its estimate of 10 and max_tokens 20) and
+    // uses 6 (2 words in, 4 out): alone, a call fits a budget of 35.
+    let budget = ", budget: { tokens: 35, window: 1d }";
+    let text = config("", [budget, "", ""], &redis_section(&redis, "closed", 1));
+    let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
+    call(&a, "key-a", "m").await.expect("first call");
+    // Settled with what it used: 29 left.
+    let left = "llm_gateway_budget_remaining_tokens{key=\"key-a\"}";
+    eventually(WAIT, "the settle to land", async || sample(&scrape(&a).await, left) == Some(29.0)).await;
+    // Through the other gateway: 6 spent + 30 reserved > 35.
+    let refused = call(&b, "key-a", "m").await.expect_err("spent through the other gateway");
+    assert_refused(&refused, Code::ResourceExhausted, "BUDGET_EXHAUSTED", "key:key-a");
+    assert!(md(refused.metadata(), "retry-after-ms").parse::<u64>().is_ok_and(|ms| ms <= 86_400_000));
+}
+
+#[tokio::test]
+async fn redis_down_with_failure_mode_open_serves_on_local_limits_and_shares_again_when_back() {
+    let mut redis = RedisServer::start().await;
+    // key-a: rpm 4 over 2 replicas (2 each while Redis is down); key-c
+    // has a limit that never bites, so its calls go to Redis: a probe.
+    let keys = [", limits: { rpm: 4 }", ", limits: { rpm: 4 }", ", limits: { concurrency: 1000 }"];
+    let text = config("", keys, &redis_section(&redis, "open", 2));
+    let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
+    call(&a, "key-c", "m").await.expect("through redis");
+    redis.stop();
+    let mut admitted = 0;
+    for _ in 0..3 {
+        let started = Instant::now();
+        if call(&a, "key-a", "m").await.is_ok() {
+            admitted += 1;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "never a hang");
+    }
+    assert_eq!(admitted, 2, "this replica's share of rpm 4 while Redis is down");
+    let text = scrape(&a).await;
+    assert_eq!(sample(&text, "llm_gateway_redis_up "), Some(0.0), "{text}");
+    assert!(sample(&text, "llm_gateway_admission_local_fallback_total").is_some_and(|n| n >= 1.0), "{text}");
+    assert!(text.contains("llm_gateway_redis_errors_total"), "{text}");
+
+    redis.restart().await;
+    for gw in [&a, &b] {
+        eventually(Duration::from_secs(10), "the gateway to use redis again", async || {
+            call(gw, "key-c", "m").await.is_ok()
+                && sample(&scrape(gw).await, "llm_gateway_redis_up ") == Some(1.0)
+        })
+        .await;
+    }
+    // Shared again: key-b's rpm 4 holds for both gateways together.
+    let mut admitted = 0;
+    for i in 0..8 {
+        if call(if i % 2 == 0 { &a } else { &b }, "key-b", "m").await.is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 4);
+}
+
+#[tokio::test]
+async fn redis_down_or_frozen_with_failure_mode_closed_fails_limited_calls_at_once() {
+    let mut redis = RedisServer::start().await;
+    let text = config("", [", limits: { rpm: 100 }", "", ""], &redis_section(&redis, "closed", 1));
+    let gw = Gateway::start(&text).await;
+    call(&gw, "key-a", "m").await.expect("through redis");
+    // Frozen: connections open, no answer. The timeout bounds each call.
+    redis.pause();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let refused = call(&gw, "key-a", "m").await.expect_err("limiter unavailable");
+        assert_refused(&refused, Code::Unavailable, "LIMITER_UNAVAILABLE", "");
+        assert!(started.elapsed() < Duration::from_secs(1), "never a hang: {:?}", started.elapsed());
+    }
+    // A call that needs no limit is served all the same.
+    call(&gw, "key-b", "m").await.expect("no limit, no redis");
+    redis.resume();
+    redis.stop();
+    let started = Instant::now();
+    let refused = call(&gw, "key-a", "m").await.expect_err("redis is down");
+    assert_refused(&refused, Code::Unavailable, "LIMITER_UNAVAILABLE", "");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    redis.restart().await;
+    eventually(Duration::from_secs(10), "calls through redis again", async || {
+        call(&gw, "key-a", "m").await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cancelled_stream_is_charged_what_it_streamed_and_a_finished_one_its_cost() {
+    let prices = "prices:\n  - { provider: mk, model: \"lorem?tokens=4\", input: 2.0, output: 10.0 }\n";
+    let gw = Gateway::start(&config("", [", budget: { tokens: 1000, window: 1d }", "", ""], prices)).await;
+    let mut client = gw.client().await;
+    // A streamed answer's last message carries its cost.
+    let answer = crate::harness::stream_call(&mut client, with_key("key-b", stream_request("m", "hi"))).await;
+    let usage = answer.messages.last().and_then(|m| m.usage).expect("usage on the last message");
+    assert!(
+        usage.cost_usd > 0.0
+            && (usage.cost_usd - (f64::from(usage.input_tokens) * 2.0 + 40.0) / 1e6).abs() < 1e-12
+    );
+    // A slow stream reserves its estimate (8) + max_tokens (20) of key-a's
+    // budget; cancelled after 3 deltas it is charged 8 + what streamed.
+    let mut r = stream_request("slow", "x");
+    r.max_tokens = Some(20);
+    let mut stream = within(WAIT, "slow stream", client.stream_completion(with_key("key-a", r)))
+        .await
+        .expect("admitted")
+        .into_inner();
+    for _ in 0..3 {
+        within(WAIT, "a delta", stream.message()).await.expect("delta").expect("a message");
+    }
+    drop(stream);
+    let left = "llm_gateway_budget_remaining_tokens{key=\"key-a\"}";
+    let mut seen = None;
+    eventually(WAIT, "the cancelled call's settle", async || {
+        seen = sample(&scrape(&gw).await, left);
+        seen.is_some_and(|v| v > 972.0)
+    })
+    .await;
+    let charged = 1000.0 - seen.unwrap_or_default();
+    assert!(
+        (11.0..=14.0).contains(&charged),
+        "charged {charged}: the input estimate and about 3 tokens streamed"
+    );
+}
