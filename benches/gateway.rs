@@ -57,6 +57,7 @@ enum Phase {
     Memory,
     Cancel,
     Tracing,
+    Admission,
 }
 
 impl Phase {
@@ -69,9 +70,10 @@ impl Phase {
             "memory" => Phase::Memory,
             "cancel" => Phase::Cancel,
             "tracing" => Phase::Tracing,
+            "admission" => Phase::Admission,
             _ => {
                 return Err(format!(
-                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing)"
+                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing, admission)"
                 )
                 .into());
             }
@@ -413,6 +415,9 @@ async fn run(
     {
         report.tracing = tracing_cost(options, plan, &config, collector).await?;
     }
+    if options.runs(Phase::Admission) {
+        report.tracing.extend(admission_cost(options, plan, &config).await?);
+    }
     let stats = &upstream.stats;
     eprintln!(
         "gateway bench: done; upstream: {} requests, {} connections, {} completed, {} aborted",
@@ -463,12 +468,73 @@ async fn tracing_cost(
             concurrency: options.throughput_concurrency,
             duration: plan.tracing_time,
             max_time: plan.run_limit,
+            key: None,
         };
         let mut variant = phases::tracing_variant(bin, config, run).await?;
         if label == "collector down" && !collector::still_refused(dead) {
             variant.note = Some(format!("something took {dead} during the run: the collector was not down"));
         }
         out.push(variant);
+    }
+    Ok(out)
+}
+
+/// Issue #12: the same workload with no limits, then with a client key, key
+/// limits, target limits and prices kept locally, then the same on a Redis
+/// on loopback (`failure_mode: closed`, so any Redis trouble shows as
+/// errors). The limits sit far above the load: only admission's cost is
+/// measured, never a refusal.
+async fn admission_cost(
+    options: &Options,
+    plan: &Plan,
+    config: &str,
+) -> Result<Vec<report::TracingVariant>, BoxError> {
+    const KEY: &str = "bench-key";
+    let bin = Path::new(GATEWAY_BIN);
+    let redis = support::redis::Redis::start().await?;
+    let digest = support::sha256_hex(KEY);
+    let limited = |shared: bool| {
+        let mut c = config.replace(
+            "up: {kind: openai, base_url:",
+            "up: {limits: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}, \
+             model_limits: {fast: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}}, kind: openai, base_url:",
+        );
+        c.push_str(&format!(
+            "api_keys: [{{name: bench, key_sha256: \"{digest}\", \
+             limits: {{rpm: 100000000, tpm: 100000000000, concurrency: 100000}}, \
+             budget: {{usd: 1000000, tokens: 100000000000000, window: 30d}}}}]\n\
+             prices: [{{provider: up, model: fast, input: 0.15, output: 0.60, cached_input: 0.075}}]\n"
+        ));
+        if shared {
+            c.push_str(&format!(
+                "redis: {{url: \"redis://127.0.0.1:{}/0\", key_prefix: bench, failure_mode: closed}}\n",
+                redis.port
+            ));
+        }
+        c
+    };
+    let variants = [
+        ("no limits", config.to_owned(), None),
+        ("limits, local", limited(false), Some(KEY)),
+        ("limits, Redis", limited(true), Some(KEY)),
+    ];
+    let mut out = Vec::new();
+    for (label, config, key) in variants {
+        progress(&format!(
+            "admission cost, {label}: {} calls at c=1, {:?} at c={}",
+            plan.tracing_calls, plan.tracing_time, options.throughput_concurrency
+        ));
+        let run = phases::TracingRun {
+            label,
+            env: Vec::new(),
+            collector: None,
+            calls: plan.tracing_calls,
+            concurrency: options.throughput_concurrency,
+            duration: plan.tracing_time,
+            max_time: plan.run_limit,
+            key,
+        };
+        out.push(phases::tracing_variant(bin, &config, run).await?);
     }
     Ok(out)
 }

@@ -49,7 +49,7 @@ impl Wire {
 /// Where the calls go.
 pub enum Target {
     /// Through the gateway: gRPC `StreamCompletion` on `model`.
-    Gateway { clients: Vec<LlmGatewayClient<Channel>>, model: &'static str },
+    Gateway { clients: Vec<LlmGatewayClient<Channel>>, model: &'static str, key: Option<&'static str> },
     /// Straight to the fake upstream, as the gateway would call it.
     Direct { client: reqwest::Client, url: String, body: Bytes, wire: Wire },
 }
@@ -65,7 +65,15 @@ impl Target {
         for _ in 0..connections.max(1) {
             clients.push(LlmGatewayClient::new(connect(addr).await?));
         }
-        Ok(Target::Gateway { clients, model })
+        Ok(Target::Gateway { clients, model, key: None })
+    }
+
+    /// The same calls with `authorization: Bearer KEY`.
+    pub fn with_key(self, k: Option<&'static str>) -> Self {
+        match self {
+            Target::Gateway { clients, model, .. } => Target::Gateway { clients, model, key: k },
+            direct => direct,
+        }
     }
 
     /// The request the gateway itself would send for `model`.
@@ -318,17 +326,27 @@ pub async fn run(target: Arc<Target>, concurrency: usize, max_calls: u64, max_ti
 
 async fn call(target: &Target, worker: usize) -> Result<Sample, String> {
     match target {
-        Target::Gateway { clients, model } => {
+        Target::Gateway { clients, model, key } => {
             let mut client = clients[worker % clients.len()].clone();
-            gateway_call(&mut client, model).await
+            gateway_call(&mut client, model, *key).await
         }
         Target::Direct { client, url, body, wire } => direct_call(client, url, body.clone(), *wire).await,
     }
 }
 
-async fn gateway_call(client: &mut LlmGatewayClient<Channel>, model: &str) -> Result<Sample, String> {
+async fn gateway_call(
+    client: &mut LlmGatewayClient<Channel>,
+    model: &str,
+    key: Option<&'static str>,
+) -> Result<Sample, String> {
     let t0 = Instant::now();
-    let mut stream = client.stream_completion(request(model, PROMPT)).await.map_err(status)?.into_inner();
+    let mut req = tonic::Request::new(request(model, PROMPT));
+    if let Some(key) = key
+        && let Ok(v) = format!("Bearer {key}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut stream = client.stream_completion(req).await.map_err(status)?.into_inner();
     let mut ttft = None;
     let mut deltas = 0;
     while let Some(m) = stream.message().await.map_err(status)? {

@@ -7,6 +7,7 @@ pub mod load;
 pub mod perf;
 pub mod phases;
 pub mod process;
+pub mod redis;
 pub mod report;
 pub mod upstream;
 
@@ -17,3 +18,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const CLIENT_THREADS: &str = "bench-client";
 pub const UPSTREAM_THREADS: &str = "bench-upstream";
 pub const COLLECTOR_THREADS: &str = "bench-collector";
+
+/// The hex SHA-256 of a client key, as `api_keys[].key_sha256` holds it.
+pub fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}

@@ -133,6 +133,8 @@ pub struct TracingRun<'a> {
     pub duration: Duration,
     /// Longest the time-to-first-token run may take.
     pub max_time: Duration,
+    /// The client key the calls carry, when the config has `api_keys`.
+    pub key: Option<&'static str>,
 }
 
 /// A fresh gateway started with `run.env`, then the same workload as the
@@ -150,14 +152,15 @@ pub async fn tracing_variant(
     let mut gateway = Gateway::spawn_with_env(bin, config, &env).await?;
     let mut served = 0;
 
-    let one = Arc::new(Target::gateway(gateway.grpc_addr, 1, "fast").await?);
+    let one = Arc::new(Target::gateway(gateway.grpc_addr, 1, "fast").await?.with_key(run.key));
     let warmup = load::run(one.clone(), 1, 200.min(run.calls), run.max_time).await;
     served += warmup.calls + warmup.errors;
     let ttft = load::run(one, 1, run.calls, run.max_time).await;
     served += ttft.calls + ttft.errors;
 
     let c = run.concurrency;
-    let many = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(c), "fast").await?);
+    let many =
+        Arc::new(Target::gateway(gateway.grpc_addr, connections_for(c), "fast").await?.with_key(run.key));
     let warmup = load::run(many.clone(), c, u64::MAX, (run.duration / 3).min(Duration::from_secs(1))).await;
     served += warmup.calls + warmup.errors;
     let before = CpuTicks::sample(&gateway)?;

@@ -523,8 +523,9 @@ impl Report {
         let c = self.tracing.first().map(|v| v.concurrency).unwrap_or(0);
         let _ = writeln!(
             out,
-            "\nTracing cost (a fresh gateway per row; OpenAI per-token; TTFT through the gateway at c=1,\n\
-             saturation at c={c})"
+            "\nFeature cost: tracing (exporter off / on / collector down) and admission (no limits /\n\
+             limits local / limits on Redis); a fresh gateway per row; OpenAI per-token; TTFT through the\n\
+             gateway at c=1, saturation at c={c}"
         );
         let worst =
             self.tracing.iter().map(|v| (v.other_cores(), v.label)).max_by(|a, b| a.0.total_cmp(&b.0));
@@ -540,7 +541,7 @@ impl Report {
         let _ = writeln!(
             out,
             "  {:<15} {:>6}  {:<25} {:>9} {:>9}  {:>12}  {:<25} {:>7} {:>10} {:>8}",
-            "exporter",
+            "variant",
             "calls",
             "TTFT p50/p99/p99.9 ms",
             "calls/s",
