@@ -1,10 +1,13 @@
 //! The composition root. A call crosses these layers, in order:
 //!
-//! 1. `server` — TCP accept, HTTP/2 (TCP_NODELAY, stream limits), draining.
+//! 1. `server` — TCP accept, HTTP/2 (TCP_NODELAY, stream limits), draining;
+//!    for `http_listen`, HTTP/1.1 and h2c with a handshake timeout.
 //! 2. tonic routes — `grpc.health.v1.Health`, reflection v1 and v1alpha, and
-//!    `llmgateway.v1.LlmGateway`.
-//! 3. `api` — the gRPC front door: proto to chat types and back, metadata
-//!    to plain values, the call core's errors to gRPC statuses.
+//!    `llmgateway.v1.LlmGateway`; axum routes for the HTTP front door.
+//! 3. The front doors. `api` (gRPC): proto to chat types and back, metadata
+//!    to plain values, the call core's errors to gRPC statuses. `http`
+//!    (OpenAI-compatible): the same for OpenAI's JSON, headers and errors,
+//!    request body limits, SSE.
 //! 4. `core` — the protocol-neutral call: request id, trace context and
 //!    server span, deadline, auth (`authorization`), validation, the
 //!    committed response stream, metrics and the log line; reads the
@@ -37,6 +40,7 @@ use crate::{
     api::{GatewayService, pb},
     config::Config,
     core::{Core, Keys, Live},
+    http,
     providers::ProviderError,
     reload,
     routing::Router,
@@ -64,11 +68,13 @@ pub enum AppError {
     Admission(#[from] crate::admission::SetupError),
 }
 
-/// The gateway's two listeners, bound before it runs so that callers (and
+/// The gateway's listeners, bound before it runs so that callers (and
 /// tests binding port 0) know the addresses.
 pub struct Listeners {
     pub grpc: TcpListener,
     pub admin: TcpListener,
+    /// The HTTP front door, when `http_listen` is set.
+    pub http: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -83,7 +89,15 @@ impl Listeners {
             addr: config.admin_listen,
             source,
         })?;
-        Ok(Self { grpc, admin })
+        let http = match config.http_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| AppError::Bind {
+                what: "http_listen",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        Ok(Self { grpc, admin, http })
     }
 
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
@@ -93,11 +107,16 @@ impl Listeners {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.local_addr().ok()
     }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
 }
 
 /// Runs the gateway until `shutdown` resolves, then drains: health turns
-/// NOT_SERVING and /readyz 503, the listener closes, calls in flight get
-/// `server.shutdown_grace` to finish, and are then cancelled.
+/// NOT_SERVING and /readyz 503, the listeners close (gRPC and HTTP alike),
+/// calls in flight get `server.shutdown_grace` to finish, and are then
+/// cancelled.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -156,11 +175,13 @@ pub async fn run_with(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(core.clone())));
+    let http_app = http::router(core.clone(), &config.server);
 
     let admin_state = Arc::new(AdminState { ready: false.into(), metrics: metrics.clone() });
     let admin_stop = CancellationToken::new();
     let grpc_addr = listeners.grpc_addr();
     let admin_addr = listeners.admin_addr();
+    let http_addr = listeners.http_addr();
     let admin_run = {
         let stop = admin_stop.clone();
         admin::serve(listeners.admin, admin_state.clone(), async move { stop.cancelled().await })
@@ -173,10 +194,18 @@ pub async fn run_with(
         tracing::info!(
             grpc_addr = %grpc_addr.map(|a| a.to_string()).unwrap_or_default(),
             admin_addr = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+            http_addr = %http_addr.map(|a| a.to_string()).unwrap_or_default(),
             "serving"
         );
         let acceptor = tls.as_ref().map(|t| t.acceptor(&[b"h2"]));
-        server::serve(listeners.grpc, routes, &config.server, acceptor, draining.clone()).await
+        let grpc = server::serve(listeners.grpc, routes, &config.server, acceptor, draining.clone());
+        let http = async {
+            let l = listeners.http?;
+            // The HTTP front door offers both versions over TLS (ALPN).
+            let acceptor = tls.as_ref().map(|t| t.acceptor(&[b"h2", b"http/1.1"]));
+            Some(server::serve_http(l, http_app, &config.server, acceptor, draining.clone()).await)
+        };
+        tokio::join!(grpc, http)
     };
     let signal = async {
         shutdown.await;
@@ -187,17 +216,29 @@ pub async fn run_with(
         draining.cancel();
     };
 
-    let grpc_run = async {
-        let (drain, ()) = tokio::join!(serving, signal);
-        let cancel = async {
-            tracing::warn!(in_flight = metrics.in_flight(), "grace period over: cancelling calls in flight");
-            hard_stop.cancel();
-            calls.close();
+    let calls_run = async {
+        let ((grpc_drain, http_drain), ()) = tokio::join!(serving, signal);
+        // Run by whichever listener's grace ends first; the other waits too.
+        let cancel = || async {
+            if !hard_stop.is_cancelled() {
+                tracing::warn!(
+                    in_flight = metrics.in_flight(),
+                    "grace period over: cancelling calls in flight"
+                );
+                hard_stop.cancel();
+                calls.close();
+            }
             if tokio::time::timeout(CANCEL_WAIT, calls.wait()).await.is_err() {
                 tracing::warn!("calls still running after cancelling");
             }
         };
-        drain.finish(config.server.shutdown_grace, cancel).await;
+        let grace = config.server.shutdown_grace;
+        let http_finish = async {
+            if let Some(drain) = http_drain {
+                drain.finish(grace, cancel()).await;
+            }
+        };
+        tokio::join!(grpc_drain.finish(grace, cancel()), http_finish);
         // The last calls' settles, on their way to Redis.
         core.live.load().admission.drain(CANCEL_WAIT).await;
         admin_stop.cancel();
@@ -221,7 +262,7 @@ pub async fn run_with(
                 .await;
         }
     };
-    let (admin_result, (), (), ()) = tokio::join!(admin_run, grpc_run, tls_watch, reload_watch);
+    let (admin_result, (), (), ()) = tokio::join!(admin_run, calls_run, tls_watch, reload_watch);
     admin_result.map_err(AppError::Admin)?;
     tracing::info!("stopped");
     Ok(())

@@ -8,6 +8,7 @@ pub mod app;
 pub mod chat;
 pub mod config;
 pub mod core;
+pub mod http;
 pub mod providers;
 pub mod reload;
 pub mod routing;

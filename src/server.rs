@@ -1,15 +1,17 @@
-//! The gRPC listener: accepts HTTP/2 connections and serves the routes on
+//! The listeners. gRPC: accepts HTTP/2 connections and serves the routes on
 //! them, with TCP_NODELAY and bounded streams per connection. We drive hyper
 //! directly rather than tonic's `Server` so that deadlines are ours to
 //! enforce (tonic's own `grpc-timeout` handling answers CANCELLED where the
 //! contract wants DEADLINE_EXCEEDED) and so that draining and connection
-//! ageing are explicit.
+//! ageing are explicit. The HTTP front door: HTTP/1.1 (keep-alive) and h2c
+//! (or, over TLS, either by ALPN) on one port, with a handshake timeout; it
+//! drains and ages its connections the same way.
 
-use std::{fmt::Display, time::Duration};
+use std::{fmt::Display, sync::Arc, time::Duration};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulConnection,
+    server::{conn::auto, graceful::GracefulConnection},
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
@@ -90,6 +92,100 @@ pub async fn serve(
             drive(http2.serve_connection(TokioIo::new(stream), service), goaway, max_age).await;
         });
         // Reap finished connections so the set does not grow with them.
+        while connection_set.try_join_next().is_some() {}
+    }
+    drop(listener);
+    Drain { goaway, conns: connection_set }
+}
+
+/// Serves the HTTP front door's `app` on `listener` (over TLS with `tls`)
+/// until `draining` fires, as [`serve`] does for gRPC. A connection whose
+/// TLS handshake and first request have not arrived within
+/// `server.handshake_timeout` is closed; on HTTP/1.1 so is one whose next
+/// request's headers take longer (an idle keep-alive one too).
+pub async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    config: &ServerConfig,
+    tls: Option<TlsAcceptor>,
+    draining: CancellationToken,
+) -> Drain {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.handshake_timeout);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(config.max_concurrent_streams);
+    if !config.http2_keepalive_interval.is_zero() {
+        builder
+            .http2()
+            .keep_alive_interval(config.http2_keepalive_interval)
+            .keep_alive_timeout(Duration::from_secs(20));
+    }
+    let handshake = config.handshake_timeout;
+    let max_age = MaxAge::from_config(config);
+    let tls = tls.map(Arc::new);
+    let service = TowerToHyperService::new(app);
+    let goaway = CancellationToken::new();
+    let mut connection_set = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = draining.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let (builder, service, goaway, tls) = (builder.clone(), service.clone(), goaway.clone(), tls.clone());
+        connection_set.spawn(async move {
+            let deadline = tokio::time::Instant::now() + handshake;
+            let stream = match tls {
+                None => Stream::Plain(stream),
+                Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+            };
+            // Set by the connection's first request: until then the
+            // handshake timer runs (hyper has none before it knows the
+            // HTTP version).
+            let first = CancellationToken::new();
+            let service = {
+                let first = first.clone();
+                hyper::service::service_fn(move |request| {
+                    first.cancel();
+                    hyper::service::Service::call(&service, request)
+                })
+            };
+            let conn = drive(builder.serve_connection(TokioIo::new(stream), service), goaway, max_age);
+            tokio::pin!(conn);
+            let expired = async {
+                tokio::select! {
+                    _ = first.cancelled() => false,
+                    _ = tokio::time::sleep_until(deadline) => true,
+                }
+            };
+            tokio::select! {
+                () = &mut conn => {}
+                expired = expired => {
+                    if expired {
+                        tracing::debug!("no request within the handshake timeout: connection closed");
+                    } else {
+                        conn.await;
+                    }
+                }
+            }
+        });
         while connection_set.try_join_next().is_some() {}
     }
     drop(listener);

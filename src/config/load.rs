@@ -226,6 +226,22 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
     }
+    for (key, d) in
+        [("handshake_timeout", c.server.handshake_timeout), ("body_read_timeout", c.server.body_read_timeout)]
+    {
+        if d.is_zero() {
+            return Err((p(&["server", key]), "must be more than 0".into()));
+        }
+    }
+    if c.server.max_request_bytes < 1024 {
+        return Err((p(&["server", "max_request_bytes"]), "must be at least 1024".into()));
+    }
+    if let Some(http) = c.http_listen
+        && (http == c.listen || http == c.admin_listen)
+        && http.port() != 0
+    {
+        return Err((p(&["http_listen"]), format!("{http} is already `listen` or `admin_listen`")));
+    }
     validate_admission(c)
 }
 
@@ -562,6 +578,20 @@ api_keys:
             "{e}"
         );
         assert!(e.to_string().contains("default_max_tokens"), "{e}");
+    }
+
+    #[test]
+    fn http_listen_and_its_limits() {
+        let c = parse(GOOD, None).unwrap();
+        assert_eq!(c.http_listen, None, "the HTTP front door is off unless asked for");
+        let c = parse(&format!("http_listen: 127.0.0.1:8080\n{GOOD}"), None).unwrap();
+        assert_eq!(c.http_listen.map(|a| a.port()), Some(8080));
+        let e = parse(&format!("http_listen: nowhere\n{GOOD}"), None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("http_listen"), "{e}");
+        let e = parse(&format!("{GOOD}server:\n  max_request_bytes: 10\n"), None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.max_request_bytes"), "{e}");
+        let e = parse(&format!("{GOOD}server:\n  handshake_timeout: 0s\n"), None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.handshake_timeout"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// The OpenAI-compatible HTTP front door; absent: off.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
     #[serde(default)]
     pub server: ServerConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -64,6 +67,15 @@ pub struct ServerConfig {
     /// How often the config file is checked for a change to reload; 0: only on SIGHUP.
     #[serde(deserialize_with = "duration")]
     pub config_reload_interval: Duration,
+    /// HTTP front door: a new connection's first request headers must
+    /// arrive within it (on HTTP/1.1, every request's headers).
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// HTTP front door: a request body must arrive whole within it.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// HTTP front door: the largest request body, in bytes.
+    pub max_request_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -96,6 +108,9 @@ impl Default for ServerConfig {
             max_connection_age_grace: Duration::from_secs(600),
             tls: None,
             config_reload_interval: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_request_bytes: 4 << 20,
         }
     }
 }

@@ -30,7 +30,7 @@ const MAX_REQUEST_ID: usize = 128;
 
 /// A front door's vocabulary for the record a call leaves.
 pub struct Door {
-    /// The front door, as a metric label and log field (`grpc`, `http`).
+    /// The front door, as the `front_door` metric label and log field.
     pub name: &'static str,
     /// The span field (declared by the front door's [`call_span!`]) that
     /// holds [`Outcome::number`].
@@ -321,6 +321,7 @@ impl Drop for Call {
         let usage = self.finish.map(|f| (f.usage.input_tokens, f.usage.output_tokens));
         let provider = self.provider.as_deref().unwrap_or("");
         self.metrics.call_finished(&FinishedCall {
+            front_door: self.door.name,
             method: self.method,
             model: &self.model,
             provider,
@@ -337,6 +338,7 @@ impl Drop for Call {
             parent: &self.span,
             request_id = self.request_id.as_str(),
             trace_id = trace_id.as_deref().unwrap_or(""),
+            front_door = self.door.name,
             method = self.method,
             model = %self.model,
             provider,

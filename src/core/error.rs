@@ -33,6 +33,12 @@ pub enum CallError {
     /// The upstream failed after deltas were sent: the stream cannot be retried.
     #[error("upstream failed mid-stream: {0}")]
     MidStream(Failure),
+    /// The request is larger than the front door takes (`server.max_request_bytes`).
+    #[error("the request is larger than {limit} bytes (server.max_request_bytes)")]
+    RequestTooLarge { limit: usize },
+    /// The request did not arrive whole in time (`server.body_read_timeout`).
+    #[error("the request did not arrive whole within {0:?} (server.body_read_timeout)")]
+    RequestTimeout(Duration),
 }
 
 /// Why a call failed, as the contract names it (`google.rpc.ErrorInfo`
@@ -87,7 +93,9 @@ impl CallError {
     /// The contract's reason for this failure.
     pub fn reason(&self) -> Reason {
         match self {
-            CallError::InvalidArgument { .. } => Reason::InvalidRequest,
+            CallError::InvalidArgument { .. }
+            | CallError::RequestTooLarge { .. }
+            | CallError::RequestTimeout(_) => Reason::InvalidRequest,
             CallError::Route(RouteError::Failed { failure, .. })
                 if failure.kind == FailureKind::Unsupported =>
             {
@@ -171,6 +179,8 @@ impl CallError {
                 RefusalReason::BudgetExhausted => "budget_exhausted",
                 RefusalReason::LimiterUnavailable => "limiter_unavailable",
             },
+            CallError::RequestTooLarge { .. } => "request_too_large",
+            CallError::RequestTimeout(_) => "request_timeout",
         }
     }
 

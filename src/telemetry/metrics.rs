@@ -17,6 +17,8 @@ use prometheus_client::{
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
+    /// `grpc` or `http`.
+    pub front_door: &'static str,
     pub method: &'static str,
     pub model: String,
     pub provider: String,
@@ -107,7 +109,7 @@ impl Metrics {
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
             "llm_gateway_calls",
-            "gRPC calls by method, model, provider and status code",
+            "Calls by front door, method, model, provider and status code",
             calls.clone(),
         );
         let duration: HistFamily<DurationLabels> = Family::new_with_constructor(seconds_histogram);
@@ -218,6 +220,7 @@ impl Metrics {
         self.in_flight.dec();
         self.calls
             .get_or_create(&CallLabels {
+                front_door: call.front_door,
                 method: call.method,
                 model: call.model.to_owned(),
                 provider: call.provider.to_owned(),
@@ -271,6 +274,7 @@ impl Metrics {
 
 /// What the call core reports of a call when it ends.
 pub struct FinishedCall<'a> {
+    pub front_door: &'static str,
     pub method: &'static str,
     pub model: &'a str,
     pub provider: &'a str,

@@ -117,6 +117,8 @@ pub(crate) fn config_with_model(base_url: &str, name: &str, provider: &str, mode
 pub(crate) struct Gateway {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTP front door, when the config sets `http_listen`.
+    pub http: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     run: Option<JoinHandle<Result<(), AppError>>>,
 }
@@ -138,11 +140,12 @@ impl Gateway {
         let listeners = Listeners::bind(&config).await.expect("bind the gateway's listeners");
         let grpc = listeners.grpc_addr().expect("gRPC address");
         let admin = listeners.admin_addr().expect("admin address");
+        let http = listeners.http_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tokio::spawn(app::run(config, listeners, async move {
             let _ = stopped.await;
         }));
-        Self { grpc, admin, stop: Some(stop), run: Some(run) }
+        Self { grpc, admin, http, stop: Some(stop), run: Some(run) }
     }
 
     /// Starts a gateway on `text` (a whole config) read from `path`, which it
@@ -154,11 +157,12 @@ impl Gateway {
         let listeners = Listeners::bind(&config).await.expect("bind the gateway's listeners");
         let grpc = listeners.grpc_addr().expect("gRPC address");
         let admin = listeners.admin_addr().expect("admin address");
+        let http = listeners.http_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tokio::spawn(app::run_with(config, Some(source), listeners, async move {
             let _ = stopped.await;
         }));
-        Self { grpc, admin, stop: Some(stop), run: Some(run) }
+        Self { grpc, admin, http, stop: Some(stop), run: Some(run) }
     }
 
     /// [`config`] pointed at `base_url`.
@@ -176,6 +180,16 @@ impl Gateway {
 
     pub(crate) fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// The HTTP front door's address; the config must set `http_listen`.
+    pub(crate) fn http_addr(&self) -> SocketAddr {
+        self.http.expect("the test config sets http_listen")
+    }
+
+    /// A URL on the HTTP front door.
+    pub(crate) fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr())
     }
 
     /// Resolves the shutdown future given to `app::run`: the gateway drains.
@@ -604,6 +618,8 @@ pub(crate) struct Binary {
     pub proc: Proc,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTP front door, when the config sets `http_listen`.
+    pub http: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -629,7 +645,8 @@ impl Binary {
         let addr = |key: &str| -> SocketAddr {
             log[key].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("no {key} in {line}"))
         };
-        Self { grpc: addr("grpc_addr"), admin: addr("admin_addr"), proc, _dir: dir }
+        let http = log["http_addr"].as_str().and_then(|a| a.parse().ok());
+        Self { grpc: addr("grpc_addr"), admin: addr("admin_addr"), http, proc, _dir: dir }
     }
 
     pub(crate) fn admin_url(&self, path: &str) -> String {

@@ -51,17 +51,15 @@ async fn counters_and_histograms_move_with_calls() {
     let down = client.completion(completion_request("down", "hi")).await.expect_err("upstream 503");
     assert_eq!(down.code(), Code::Unavailable);
 
-    let stream_ok =
-        r#"llm_gateway_calls_total{method="StreamCompletion",model="lorem",provider="mk",code="OK"}"#;
+    let stream_ok = r#"llm_gateway_calls_total{front_door="grpc",method="StreamCompletion",model="lorem",provider="mk",code="OK"}"#;
     let text = scrape_until(&gw, "the stream's record", |t| sample(t, stream_ok) == Some(1.0)).await;
-    let unary_ok = r#"llm_gateway_calls_total{method="Completion",model="lorem",provider="mk",code="OK"}"#;
+    let unary_ok = r#"llm_gateway_calls_total{front_door="grpc",method="Completion",model="lorem",provider="mk",code="OK"}"#;
     assert_eq!(sample(&text, unary_ok), Some(1.0), "{text}");
     // An unknown model name is not a label value: callers cannot grow the series.
-    let not_found = r#"llm_gateway_calls_total{method="Completion",model="",provider="",code="NOT_FOUND"}"#;
+    let not_found = r#"llm_gateway_calls_total{front_door="grpc",method="Completion",model="",provider="",code="NOT_FOUND"}"#;
     assert_eq!(sample(&text, not_found), Some(1.0), "{text}");
     assert!(!text.contains("no-such-model"), "{text}");
-    let unavailable =
-        r#"llm_gateway_calls_total{method="Completion",model="down",provider="mk",code="UNAVAILABLE"}"#;
+    let unavailable = r#"llm_gateway_calls_total{front_door="grpc",method="Completion",model="down",provider="mk",code="UNAVAILABLE"}"#;
     assert_eq!(sample(&text, unavailable), Some(1.0), "{text}");
 
     let attempts_ok = r#"llm_gateway_upstream_attempts_total{provider="mk",outcome="ok"}"#;
@@ -93,8 +91,7 @@ async fn a_caller_who_leaves_is_counted_as_cancelled() {
     drop(stream);
     let cancelled = r#"llm_gateway_cancelled_calls_total{model="slow"}"#;
     let text = scrape_until(&gw, "the cancelled call's record", |t| sample(t, cancelled) == Some(1.0)).await;
-    let code =
-        r#"llm_gateway_calls_total{method="StreamCompletion",model="slow",provider="mk",code="CANCELLED"}"#;
+    let code = r#"llm_gateway_calls_total{front_door="grpc",method="StreamCompletion",model="slow",provider="mk",code="CANCELLED"}"#;
     assert_eq!(sample(&text, code), Some(1.0), "{text}");
     assert_eq!(
         sample(&text, r#"llm_gateway_upstream_attempts_total{provider="mk",outcome="cancelled"}"#),

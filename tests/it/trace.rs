@@ -314,3 +314,44 @@ models:
     let attempts: Vec<_> = server.events.iter().filter(|e| e.name == "llm_gateway.attempt").collect();
     assert_eq!(attempts.len(), 2, "one event per attempt: {:?}", server.events);
 }
+
+#[tokio::test]
+async fn an_http_call_exports_its_server_span_under_the_callers_trace() {
+    let collector = Collector::start().await;
+    let upstream =
+        Upstream::start(Reply::events(&openai::answer("c4", "gpt-4o-mini", &["ok"], "stop", 3, 1))).await;
+    let endpoint = collector.endpoint();
+    let yaml = format!("http_listen: 127.0.0.1:0\n{}", gateway_yaml(&upstream.base_url()));
+    let gw = Binary::start(
+        &yaml,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    )
+    .await;
+    let http_addr = gw.http.expect("the serving line names http_addr");
+    let response = within(
+        WAIT,
+        "POST /v1/chat/completions",
+        crate::harness::http()
+            .post(format!("http://{http_addr}/v1/chat/completions"))
+            .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+            .json(&serde_json::json!({"model": "chat", "stream": true, "metadata": {"team": "search"},
+                                      "messages": [{"role": "user", "content": "hi"}]}))
+            .send(),
+    )
+    .await
+    .expect("response");
+    assert_eq!(response.status().as_u16(), 200);
+    let _ = within(WAIT, "the body", response.text()).await.expect("body");
+
+    let server = collector.span("the HTTP server span", |s| s.name == "POST /v1/chat/completions").await;
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN);
+    assert_eq!(server.kind, 2, "SPAN_KIND_SERVER");
+    assert_eq!(attr_str(&server, "http.request.method"), "POST");
+    assert_eq!(attr_str(&server, "http.route"), "/v1/chat/completions");
+    assert_eq!(attr_int(&server, "http.response.status_code"), 200);
+    assert_eq!(attr_str(&server, "llm_gateway.metadata.team"), "search");
+    assert_eq!(attr_str(&server, "gen_ai.request.model"), "chat");
+    let client_span = collector.span("the client span", |s| s.name == "chat gpt-4o-mini").await;
+    assert_eq!(client_span.parent_span_id, server.span_id, "the attempt is the HTTP call's child");
+}
