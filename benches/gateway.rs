@@ -1,6 +1,7 @@
 //! The gateway's benchmark (issue #6): starts a fake OpenAI/Anthropic upstream
 //! on loopback, the `llm-gateway` binary pointing at it, and a tonic load
-//! client, then measures side by side, in one run: added time to first token,
+//! client (and, for the OpenAI-compatible HTTP front door, a reqwest one),
+//! then measures side by side, in one run: added time to first token,
 //! the same at fixed arrival rates below saturation (open loop),
 //! saturation throughput and CPU per delta, RSS per open stream,
 //! cancel-to-upstream-close, start-up time, and the cost of tracing (issue
@@ -38,7 +39,7 @@ use support::{
     BoxError,
     collector::{self, Collector},
     load::{Target, Wire},
-    phases,
+    phases::{self, Front},
     process::{self, Gateway},
     report::{self, Meta, Report},
     upstream,
@@ -305,8 +306,34 @@ async fn run(
             for &(concurrency, calls) in &plan.latency {
                 progress(&format!("time to first token, c={concurrency}"));
                 let label = "openai, per-token";
-                let run =
-                    phases::pair(label, &gateway, openai.clone(), "fast", concurrency, calls, plan.run_limit);
+                let run = phases::pair(
+                    label,
+                    &gateway,
+                    Front::Grpc,
+                    openai.clone(),
+                    "fast",
+                    concurrency,
+                    calls,
+                    plan.run_limit,
+                );
+                report.latency.push(run.await?);
+            }
+            // The same calls through the OpenAI-compatible HTTP front door
+            // (one HTTP/1.1 connection per call in flight, as OpenAI SDKs
+            // pool them), at the budget's concurrencies.
+            for &(concurrency, calls) in plan.latency.iter().filter(|(c, _)| *c <= 64) {
+                progress(&format!("time to first token, HTTP front door, c={concurrency}"));
+                let label = "openai, per-token, HTTP";
+                let run = phases::pair(
+                    label,
+                    &gateway,
+                    Front::Http,
+                    openai.clone(),
+                    "fast",
+                    concurrency,
+                    calls,
+                    plan.run_limit,
+                );
                 report.latency.push(run.await?);
             }
             // The mock provider has no network: the gateway's own cost for
@@ -315,7 +342,16 @@ async fn run(
             if let Some(&(1, calls)) = plan.latency.first() {
                 progress("time to first token, mock provider, c=1");
                 let label = "mock (direct: openai)";
-                let run = phases::pair(label, &gateway, openai.clone(), "mock", 1, calls, plan.run_limit);
+                let run = phases::pair(
+                    label,
+                    &gateway,
+                    Front::Grpc,
+                    openai.clone(),
+                    "mock",
+                    1,
+                    calls,
+                    plan.run_limit,
+                );
                 report.latency.push(run.await?);
             }
             // Issue #11: the first target down hard, its circuit closed (every
@@ -329,7 +365,16 @@ async fn run(
                     ("first target 503, circuit open", "down-503-open"),
                 ] {
                     progress(&format!("time to first token, {label}, c=1"));
-                    let run = phases::pair(label, &gateway, openai.clone(), model, 1, calls, plan.run_limit);
+                    let run = phases::pair(
+                        label,
+                        &gateway,
+                        Front::Grpc,
+                        openai.clone(),
+                        model,
+                        1,
+                        calls,
+                        plan.run_limit,
+                    );
                     report.latency.push(run.await?);
                 }
             }
@@ -337,7 +382,16 @@ async fn run(
             progress(&format!("time to first token, anthropic, c={concurrency}"));
             let direct = Arc::new(Target::direct(upstream.addr, Wire::Anthropic, "fast")?);
             let label = "anthropic, per-token";
-            let run = phases::pair(label, &gateway, direct, "an-fast", concurrency, calls, plan.run_limit);
+            let run = phases::pair(
+                label,
+                &gateway,
+                Front::Grpc,
+                direct,
+                "an-fast",
+                concurrency,
+                calls,
+                plan.run_limit,
+            );
             report.latency.push(run.await?);
         }
         if options.runs(Phase::OpenLoop) {
@@ -363,12 +417,25 @@ async fn run(
             progress(&format!("throughput, per-token writes, c={c}"));
             let perf_out = out_dir.join("gateway-perf.data");
             let perf = options.perf.then_some(perf_out.as_path());
-            let run =
-                phases::throughput("openai, per-token", &gateway, openai.clone(), "fast", c, time, perf);
+            let run = phases::throughput(
+                "openai, per-token",
+                &gateway,
+                Front::Grpc,
+                openai.clone(),
+                "fast",
+                c,
+                time,
+                perf,
+            );
+            report.throughput.push(run.await?);
+            progress(&format!("throughput, HTTP front door, per-token writes, c={c}"));
+            let label = "openai, per-token, HTTP";
+            let run = phases::throughput(label, &gateway, Front::Http, openai.clone(), "fast", c, time, None);
             report.throughput.push(run.await?);
             progress(&format!("throughput, one write per answer, c={c}"));
             let burst = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "burst")?);
-            let run = phases::throughput("openai, burst", &gateway, burst, "burst", c, time, None);
+            let run =
+                phases::throughput("openai, burst", &gateway, Front::Grpc, burst, "burst", c, time, None);
             report.throughput.push(run.await?);
             progress("1,024 calls at once on one connection");
             report.burst = Some((1024, phases::burst(&gateway, 1024, plan.run_limit).await?));

@@ -1,6 +1,7 @@
 //! The load client: bounded runs of streaming calls, through the gateway
-//! (tonic) or straight to the upstream (reqwest), timing each call's first
-//! content delta and counting what it streamed.
+//! (tonic, or reqwest to its OpenAI-compatible HTTP front door) or straight
+//! to the upstream (reqwest), timing each call's first content delta and
+//! counting what it streamed.
 
 use std::{
     net::SocketAddr,
@@ -74,6 +75,13 @@ impl Target {
             Target::Gateway { clients, model, .. } => Target::Gateway { clients, model, key: k },
             direct => direct,
         }
+    }
+
+    /// Through the gateway's HTTP front door at `addr`: the same request a
+    /// direct OpenAI call sends, on `model` (a gateway model name). One
+    /// HTTP/1.1 keep-alive connection per call in flight.
+    pub fn gateway_http(addr: SocketAddr, model: &str) -> Result<Self, BoxError> {
+        Self::direct(addr, Wire::OpenAi, model)
     }
 
     /// The request the gateway itself would send for `model`.

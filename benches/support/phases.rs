@@ -41,19 +41,45 @@ fn connections_for(concurrency: usize) -> usize {
     concurrency.div_ceil(STREAMS_PER_CONNECTION)
 }
 
+/// Which front door the gateway side of a run goes through.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Front {
+    Grpc,
+    /// The OpenAI-compatible HTTP API (`http_listen`), streaming SSE.
+    Http,
+}
+
+/// The load target for `model` through `front`.
+async fn via(
+    gateway: &Gateway,
+    front: Front,
+    model: &'static str,
+    concurrency: usize,
+) -> Result<Target, BoxError> {
+    match front {
+        Front::Grpc => Target::gateway(gateway.grpc_addr, connections_for(concurrency), model).await,
+        Front::Http => {
+            let addr = gateway.http_addr.ok_or("the gateway logged no http_addr (http_listen unset?)")?;
+            Target::gateway_http(addr, model)
+        }
+    }
+}
+
 /// The same calls, `concurrency` at a time, first straight to the upstream
-/// and then through the gateway, each after an unmeasured warm-up that fills
-/// the connection pools.
+/// and then through the gateway's `front` door, each after an unmeasured
+/// warm-up that fills the connection pools.
+#[expect(clippy::too_many_arguments, reason = "one run's whole description")]
 pub async fn pair(
     label: &str,
     gateway: &Gateway,
+    front: Front,
     direct: Arc<Target>,
     model: &'static str,
     concurrency: usize,
     calls: u64,
     max_time: Duration,
 ) -> Result<Pair, BoxError> {
-    let via = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(concurrency), model).await?);
+    let via = Arc::new(via(gateway, front, model, concurrency).await?);
     let warmup = (2 * concurrency as u64).max(200).min(calls);
     load::run(direct.clone(), concurrency, warmup, max_time).await;
     let direct_run = load::run(direct, concurrency, calls, max_time).await;
@@ -92,16 +118,18 @@ pub async fn open_loop(
 }
 
 /// Like [`pair`], but bounded by time only: saturation throughput.
+#[expect(clippy::too_many_arguments, reason = "one run's whole description")]
 pub async fn throughput(
     label: &str,
     gateway: &Gateway,
+    front: Front,
     direct: Arc<Target>,
     model: &'static str,
     concurrency: usize,
     duration: Duration,
     perf: Option<&Path>,
 ) -> Result<Pair, BoxError> {
-    let via = Arc::new(Target::gateway(gateway.grpc_addr, connections_for(concurrency), model).await?);
+    let via = Arc::new(via(gateway, front, model, concurrency).await?);
     let warmup = (duration / 3).min(Duration::from_secs(1));
     load::run(direct.clone(), concurrency, u64::MAX, warmup).await;
     let direct_run = load::run(direct, concurrency, u64::MAX, duration).await;

@@ -52,6 +52,7 @@ pub fn config_yaml(upstream: SocketAddr) -> String {
     format!(
         "listen: 127.0.0.1:0
 admin_listen: 127.0.0.1:0
+http_listen: 127.0.0.1:0
 telemetry: {{log_format: json, log_level: info}}
 providers:
   up: {{kind: openai, base_url: \"http://{upstream}/v1\"}}
@@ -91,6 +92,8 @@ pub struct Gateway {
     pub grpc_addr: SocketAddr,
     /// The admin listener (`/metrics`), from the "serving" line.
     pub admin_addr: Option<SocketAddr>,
+    /// The OpenAI-compatible HTTP front door, from the "serving" line.
+    pub http_addr: Option<SocketAddr>,
     pub start: StartTimes,
     log_lines: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -146,6 +149,7 @@ impl Gateway {
             pid,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: None,
+            http_addr: None,
             start: StartTimes { to_log: Duration::ZERO, to_serving: Duration::ZERO },
             log_lines: Arc::new(AtomicU64::new(0)),
             tail: Arc::new(Mutex::new(VecDeque::new())),
@@ -165,17 +169,21 @@ impl Gateway {
         if let Some(err) = stderr {
             read_lines(err, None, Arc::new(AtomicU64::new(0)), gateway.tail.clone(), copy);
         }
-        let (logged_at, addr, admin) = match tokio::time::timeout(START_WAIT, serving_rx).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(_)) => {
-                return Err(format!("the gateway exited before serving:\n{}", gateway.tail()).into());
-            }
-            Err(_) => {
-                return Err(format!("no \"serving\" line within {START_WAIT:?}:\n{}", gateway.tail()).into());
-            }
-        };
+        let (logged_at, Serving { grpc: addr, admin, http }) =
+            match tokio::time::timeout(START_WAIT, serving_rx).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(_)) => {
+                    return Err(format!("the gateway exited before serving:\n{}", gateway.tail()).into());
+                }
+                Err(_) => {
+                    return Err(
+                        format!("no \"serving\" line within {START_WAIT:?}:\n{}", gateway.tail()).into()
+                    );
+                }
+            };
         gateway.grpc_addr = addr;
         gateway.admin_addr = admin;
+        gateway.http_addr = http;
         let serving_at = wait_serving(addr).await.map_err(|e| format!("{e}\n{}", gateway.tail()))?;
         gateway.start = StartTimes { to_log: logged_at - t0, to_serving: serving_at - t0 };
         Ok(gateway)
@@ -239,7 +247,7 @@ fn sample(page: &str, name: &str) -> Option<f64> {
 /// counts lines and keeps the last few.
 fn read_lines(
     out: impl Read + Send + 'static,
-    mut serving: Option<oneshot::Sender<(Instant, SocketAddr, Option<SocketAddr>)>>,
+    mut serving: Option<oneshot::Sender<(Instant, Serving)>>,
     lines: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<String>>>,
     copy: Option<Arc<Mutex<std::fs::File>>>,
@@ -260,10 +268,10 @@ fn read_lines(
                 let _ = std::io::Write::write_all(&mut *f, line.as_bytes());
             }
             if serving.is_some()
-                && let Some((addr, admin)) = serving_addrs(&line)
+                && let Some(addrs) = serving_addrs(&line)
                 && let Some(tx) = serving.take()
             {
-                let _ = tx.send((Instant::now(), addr, admin));
+                let _ = tx.send((Instant::now(), addrs));
             }
             if let Ok(mut t) = tail.lock() {
                 if t.len() == TAIL {
@@ -275,8 +283,15 @@ fn read_lines(
     });
 }
 
-/// The gRPC and the admin address of the JSON "serving" line.
-fn serving_addrs(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
+/// The listeners' addresses in the "serving" line.
+struct Serving {
+    grpc: SocketAddr,
+    admin: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+}
+
+/// The addresses of the JSON "serving" line.
+fn serving_addrs(line: &str) -> Option<Serving> {
     if !line.contains("\"serving\"") {
         return None;
     }
@@ -286,7 +301,8 @@ fn serving_addrs(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     }
     let grpc = v.get("grpc_addr")?.as_str()?.parse().ok()?;
     let admin = v.get("admin_addr").and_then(|a| a.as_str()?.parse().ok());
-    Some((grpc, admin))
+    let http = v.get("http_addr").and_then(|a| a.as_str()?.parse().ok());
+    Some(Serving { grpc, admin, http })
 }
 
 /// Polls grpc.health.v1 until SERVING; returns when it first answered so.

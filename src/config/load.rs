@@ -524,6 +524,7 @@ api_keys:
     fn default_is_valid() {
         let c = load_default().unwrap();
         assert!(c.models.contains_key("mock"));
+        assert_eq!(c.http_listen.map(|a| a.port()), Some(8080), "a newcomer gets the HTTP API too");
     }
 
     #[test]
