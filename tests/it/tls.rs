@@ -271,3 +271,55 @@ async fn a_renewed_certificate_is_used_for_new_handshakes_and_old_connections_ke
     assert_eq!(call(&mut old, "lorem").await.0, 0, "and still serves calls");
     assert_eq!(get_status(&gw.admin_url("/readyz")).await, 200);
 }
+
+/// The HTTP front door over TLS: ALPN offers both versions, and a call
+/// streams over each.
+#[tokio::test]
+async fn the_http_front_door_over_tls_speaks_http1_and_h2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new("test CA");
+    let files = Files::new(&ca.server("server"), None);
+    let gw = Gateway::start(&format!("http_listen: 127.0.0.1:0\n{}", files.yaml(false, "30s"))).await;
+    let body = r#"{"model":"lorem","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+    let mut config = (*client_config(&[ca.der()], None)).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut tls = tls_connect(gw.http_addr(), Arc::new(config)).await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    within(WAIT, "the HTTP/1.1 answer", tls.read_to_end(&mut answer)).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("data: [DONE]"), "{answer}");
+
+    let tls = tls_connect(gw.http_addr(), client_config(&[ca.der()], None)).await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 when the client offers it");
+    let (send, conn) = within(WAIT, "the h2 handshake", h2::client::handshake(tls)).await.expect("h2");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = within(WAIT, "an h2 stream", send.ready()).await.expect("ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{}/v1/chat/completions", gw.http_addr().port()))
+        .header("content-type", "application/json")
+        .body(())
+        .expect("request");
+    let (response, mut out) = send.send_request(request, false).expect("send");
+    out.send_data(bytes::Bytes::from(body), true).expect("body");
+    let response = within(WAIT, "the h2 response", response).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let mut data = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = within(WAIT, "h2 data", data.data()).await {
+        let chunk = chunk.expect("data");
+        let _ = data.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    assert!(String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"));
+    conn.abort();
+}
