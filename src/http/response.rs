@@ -33,6 +33,9 @@ pub struct OutMessage<'a> {
     pub role: &'static str,
     /// null for an answer that is only tool calls, as OpenAI sends it.
     pub content: Option<&'a str>,
+    /// The model's reasoning, as DeepSeek and vLLM send it; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
     pub refusal: Option<()>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<OutToolCall<'a>>,
@@ -52,16 +55,15 @@ pub struct OutFunction<'a> {
     pub arguments: &'a str,
 }
 
-/// Usage in OpenAI's shape.
+/// Usage in OpenAI's shape; the details are 0 when the provider does not
+/// say, as OpenAI itself sends them.
 #[derive(Serialize)]
 pub struct UsageOut {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_tokens_details: Option<PromptDetails>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completion_tokens_details: Option<CompletionDetails>,
+    pub prompt_tokens_details: PromptDetails,
+    pub completion_tokens_details: CompletionDetails,
 }
 
 #[derive(Serialize)]
@@ -79,12 +81,8 @@ pub fn usage(u: Usage) -> UsageOut {
         prompt_tokens: u.input_tokens,
         completion_tokens: u.output_tokens,
         total_tokens: u.total(),
-        // `chat::Usage` does not carry cached or reasoning token counts yet
-        // (issue 14 adds them); when it does, these become
-        // `Some(PromptDetails { cached_tokens: u.cached_input_tokens })` and
-        // `Some(CompletionDetails { reasoning_tokens: u.reasoning_tokens })`.
-        prompt_tokens_details: None,
-        completion_tokens_details: None,
+        prompt_tokens_details: PromptDetails { cached_tokens: u.cached_input_tokens },
+        completion_tokens_details: CompletionDetails { reasoning_tokens: u.reasoning_tokens },
     }
 }
 
@@ -111,7 +109,13 @@ pub fn completion(answer: &Answer, model: &str, created: u64) -> Vec<u8> {
         model,
         choices: [Choice {
             index: 0,
-            message: OutMessage { role: "assistant", content, refusal: None, tool_calls },
+            message: OutMessage {
+                role: "assistant",
+                content,
+                reasoning_content: (!answer.reasoning.is_empty()).then_some(answer.reasoning.as_str()),
+                refusal: None,
+                tool_calls,
+            },
             finish_reason: finish_reason(answer.finish.reason),
             logprobs: None,
         }],
@@ -212,9 +216,7 @@ impl ChunkWriter {
             delta: ChunkDelta {
                 role: head.first.then_some("assistant"),
                 content: (!delta.content.is_empty() || head.first).then_some(delta.content.as_str()),
-                // Reasoning deltas (issue 14) map here: `reasoning_content:
-                // (!delta.reasoning.is_empty()).then_some(&delta.reasoning)`.
-                reasoning_content: None,
+                reasoning_content: (!delta.reasoning.is_empty()).then_some(delta.reasoning.as_str()),
                 tool_calls,
             },
             finish_reason: delta.finish.and_then(|f| finish_reason(f.reason)),

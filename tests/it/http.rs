@@ -81,6 +81,63 @@ fn answer() -> Reply {
     Reply::events(&openai::answer("chatcmpl-h", "gpt-4o-mini-2024", &["Hel", "lo"], "stop", 7, 2))
 }
 
+/// Usage as OpenAI shapes it, details included (0 when the provider is silent).
+fn usage(prompt: u32, completion: u32, cached: u32, reasoning: u32) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached},
+           "completion_tokens_details": {"reasoning_tokens": reasoning}})
+}
+
+/// A reasoning model's answer: reasoning deltas first (DeepSeek's shape),
+/// then the text, and usage with cached and reasoning tokens.
+fn reasoning_answer() -> Reply {
+    let chunk = |delta: Value, finish: Value| {
+        openai::data(
+            &json!({"id": "r1", "object": "chat.completion.chunk", "created": 1, "model": "deepseek-r",
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+        )
+    };
+    Reply::events(&[
+        chunk(json!({"role": "assistant", "content": null, "reasoning_content": "Think"}), Value::Null),
+        chunk(json!({"reasoning_content": "ing."}), Value::Null),
+        chunk(json!({"content": "Yes."}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        openai::data(
+            &json!({"id": "r1", "object": "chat.completion.chunk", "created": 1, "model": "deepseek-r",
+            "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
+            "prompt_tokens_details": {"cached_tokens": 16}, "completion_tokens_details": {"reasoning_tokens": 7}}}),
+        ),
+        openai::DONE.to_owned(),
+    ])
+}
+
+#[tokio::test]
+async fn reasoning_and_token_details_in_openai_shape() {
+    let up = Upstream::start(reasoning_answer()).await;
+    let gw = http_gateway(&up.base_url()).await;
+    let (status, _, body) = post(&gw, &chat_body("chat", false), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["choices"][0]["message"]["content"], "Yes.");
+    assert_eq!(v["choices"][0]["message"]["reasoning_content"], "Thinking.");
+    assert_eq!(v["usage"], usage(20, 9, 16, 7));
+
+    let mut streamed = chat_body("chat", true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (_, _, text) = post(&gw, &streamed, &[]).await;
+    let chunks: Vec<Value> = sse_events(&text)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).expect("a JSON chunk"))
+        .collect();
+    let deltas: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["delta"]).collect();
+    let reasoning: String = deltas.iter().filter_map(|d| d["reasoning_content"].as_str()).collect();
+    let content: String = deltas.iter().filter_map(|d| d["content"].as_str()).collect();
+    assert_eq!((reasoning.as_str(), content.as_str()), ("Thinking.", "Yes."), "{text}");
+    assert_eq!(chunks.last().map(|c| &c["usage"]), Some(&usage(20, 9, 16, 7)));
+}
+
 #[tokio::test]
 async fn unary_answer_in_openai_shape_with_headers() {
     let up = Upstream::start(answer()).await;
@@ -97,7 +154,7 @@ async fn unary_answer_in_openai_shape_with_headers() {
     assert!(v["created"].as_u64().is_some_and(|t| t > 1_700_000_000));
     assert_eq!(v["choices"][0]["message"], json!({"role": "assistant", "content": "Hello", "refusal": null}));
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    assert_eq!(v["usage"], json!({"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}));
+    assert_eq!(v["usage"], usage(7, 2, 0, 0));
 
     // The upstream got the translated request, streamed, with a traceparent.
     let sent = up.requests()[0].json();
@@ -146,7 +203,7 @@ async fn stream_framing_with_usage_then_done() {
     assert_eq!(chunks[0]["usage"], Value::Null);
     assert_eq!(chunks[2]["choices"][0]["finish_reason"], "stop");
     assert_eq!(chunks[3]["choices"], json!([]));
-    assert_eq!(chunks[3]["usage"], json!({"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}));
+    assert_eq!(chunks[3]["usage"], usage(7, 2, 0, 0));
 
     // Without include_usage: no usage anywhere.
     let (_, _, text) = post(&gw, &chat_body("chat", true), &[]).await;
