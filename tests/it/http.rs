@@ -555,3 +555,20 @@ async fn metrics_count_http_calls_by_front_door() {
     .await;
     assert!(text.contains(missing), "{text}");
 }
+
+#[tokio::test]
+async fn a_key_limit_is_429_with_retry_after() {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(b"k-limited"));
+    let keys = format!("api_keys:\n  - {{ name: a, key_sha256: \"{digest}\", limits: {{ rpm: 1 }} }}\n");
+    let gw = Gateway::start(&http_config("http://127.0.0.1:9/v1", &keys)).await;
+    let auth = [("authorization", "Bearer k-limited")];
+    let (s, _, b) = post(&gw, &chat_body("lorem", false), &auth).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, h, b) = post(&gw, &chat_body("lorem", true), &auth).await;
+    let e = error_of(s, 429, &h, &b);
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("rate_limit_error"), Some("rate_limited")));
+    let secs: u64 = header(&h, "retry-after").parse().expect("Retry-After in seconds");
+    let ms: u64 = header(&h, "retry-after-ms").parse().expect("retry-after-ms");
+    assert!((55..=61).contains(&secs) && (55_000..=61_000).contains(&ms), "{secs} s, {ms} ms");
+}
