@@ -596,6 +596,42 @@ api_keys:
     }
 
     #[test]
+    fn routing_nonsense_is_refused_by_key_and_line() {
+        let with = |from: &str, to: &str| {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "the replacement must apply: {from}");
+            parse(&text, None).unwrap_err()
+        };
+        let e = with(
+            "    api_key_env: OPENAI_API_KEY\n",
+            "    api_key_env: OPENAI_API_KEY\n    retry: { attempts: 0 }\n",
+        );
+        assert_eq!(e.key.as_deref(), Some("providers.openai.retry.attempts"), "{e}");
+        assert_eq!(e.line, Some(7), "{e}");
+        let e = with(
+            "    api_key_env: OPENAI_API_KEY\n",
+            "    api_key_env: OPENAI_API_KEY\n    retry:\n      initial_backoff: 2s\n      max_backoff: 1s\n",
+        );
+        assert_eq!(e.key.as_deref(), Some("providers.openai.retry.max_backoff"), "{e}");
+        assert_eq!(e.line, Some(9), "{e}");
+        let e = with("model: gpt-4o-mini }", "model: gpt-4o-mini, weight: 0 }");
+        assert_eq!(e.key.as_deref(), Some("models.chat.targets[0].weight"), "{e}");
+        assert_eq!(e.line, Some(12), "{e}");
+        let e = with(
+            "    api_key_env: OPENAI_API_KEY\n",
+            "    api_key_env: OPENAI_API_KEY\n    timeouts: { first_token: 0s }\n",
+        );
+        assert_eq!(e.key.as_deref(), Some("providers.openai.timeouts.first_token"), "{e}");
+        let e = with("  chat:\n    targets:", "  chat:\n    hedge_after: 0s\n    targets:");
+        assert_eq!(e.key.as_deref(), Some("models.chat.hedge_after"), "{e}");
+        let e = with("    kind: openai\n", "    kind: openai\n    proxy: \"ftp://u:hunter2@h:1\"\n");
+        assert_eq!(e.key.as_deref(), Some("providers.openai.proxy"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "credentials redacted: {e}");
+        let e = with("  chat:\n    targets:", "  chat:\n    strategy: fastest\n    targets:");
+        assert!(e.to_string().contains("fastest"), "{e}");
+    }
+
+    #[test]
     fn bad_duration_and_hash() {
         let text = format!("{GOOD}server:\n  shutdown_grace: soon\n");
         let e = parse(&text, None).unwrap_err();
