@@ -102,6 +102,7 @@ pub async fn run(
         keys: Keys::new(&config.api_keys),
         metrics: metrics.clone(),
         default_timeout: config.server.default_timeout,
+        max_timeout: config.server.max_timeout,
         record_content: config.telemetry.record_content,
         draining: draining.clone(),
         hard_stop: hard_stop.clone(),

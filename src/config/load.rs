@@ -213,6 +213,19 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
     }
+    let s = &c.server;
+    if s.max_timeout.is_zero() {
+        return Err((p(&["server", "max_timeout"]), "must be more than 0: every call would time out".into()));
+    }
+    if s.default_timeout > s.max_timeout {
+        return Err((
+            p(&["server", "default_timeout"]),
+            format!(
+                "must not be more than `server.max_timeout` ({}), which caps every deadline",
+                humantime::format_duration(s.max_timeout)
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -392,5 +405,21 @@ api_keys:
         let e = parse(&text, None).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("api_keys[0].key_sha256"));
         assert_eq!(e.line, Some(18), "{e}");
+    }
+
+    #[test]
+    fn max_timeout_is_checked_against_zero_and_the_default() {
+        let c = parse(GOOD, None).unwrap();
+        assert_eq!(c.server.max_timeout.as_secs(), 3600);
+        let text = format!("{GOOD}server:\n  max_timeout: 0s\n");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.max_timeout"), "{e}");
+        assert_eq!(e.line, Some(20), "{e}");
+        let text = format!("{GOOD}server:\n  default_timeout: 2h\n");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.default_timeout"), "{e}");
+        assert!(e.to_string().contains("1h"), "{e}");
+        let text = format!("{GOOD}server:\n  default_timeout: 2h\n  max_timeout: 3h\n");
+        assert_eq!(parse(&text, None).unwrap().server.default_timeout.as_secs(), 7200);
     }
 }

@@ -35,6 +35,8 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// The deadline of a call whose caller asked for none; 0: none.
     pub default_timeout: Duration,
+    /// The longest deadline any call gets, whatever its caller asked.
+    pub max_timeout: Duration,
     /// Record prompts and completions on spans (`telemetry.record_content`).
     pub record_content: bool,
     /// Set when the gateway starts draining: new calls are refused.
@@ -54,6 +56,15 @@ impl Core {
         span: tracing::Span,
         meta: &CallMeta<'_>,
     ) -> Call {
-        Call::start(door, method, span, meta, self.default_timeout, self.metrics.clone(), self.calls.token())
+        Call::start(
+            door,
+            method,
+            span,
+            meta,
+            self.default_timeout,
+            self.max_timeout,
+            self.metrics.clone(),
+            self.calls.token(),
+        )
     }
 }
