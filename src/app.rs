@@ -29,7 +29,7 @@ use crate::{
     admin::{self, AdminState},
     api::{GatewayService, pb},
     config::Config,
-    core::{Core, Keys},
+    core::{Core, KeyError, Keys},
     providers::ProviderError,
     routing::Router,
     server,
@@ -49,6 +49,8 @@ pub enum AppError {
     Reflection(String),
     #[error("admin listener: {0}")]
     Admin(std::io::Error),
+    #[error("{0}")]
+    Keys(#[from] KeyError),
 }
 
 /// The gateway's two listeners, bound before it runs so that callers (and
@@ -97,9 +99,13 @@ pub async fn run(
     // Counts the gateway's calls in flight, so the drain knows when the
     // cancelled ones have ended.
     let calls = TaskTracker::new();
+    let keys = Keys::new(&config.api_keys)?;
+    if !keys.enabled() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "auth is off: no api_keys, and anyone who can reach the listener may call every model");
+    }
     let core = Arc::new(Core {
         router,
-        keys: Keys::new(&config.api_keys),
+        keys,
         metrics: metrics.clone(),
         default_timeout: config.server.default_timeout,
         max_timeout: config.server.max_timeout,

@@ -132,6 +132,30 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 ));
             }
         }
+        if provider.default_max_tokens == 0 {
+            return Err((
+                p(&["providers", name, "default_max_tokens"]),
+                "must be at least 1: an answer of 0 tokens is refused (anthropic) or empty".into(),
+            ));
+        }
+        if provider.kind == ProviderKind::Mock {
+            let m = &provider.mock;
+            for (key, value) in [("first_token_delay", m.first_token_delay), ("token_delay", m.token_delay)] {
+                // The same bound the model name's overrides have.
+                if value > MAX_MOCK_DELAY {
+                    return Err((p(&["providers", name, "mock", key]), "must be at most 1h".into()));
+                }
+            }
+            if m.first_token_delay >= t.first_token {
+                return Err((
+                    p(&["providers", name, "mock", "first_token_delay"]),
+                    format!(
+                        "must be less than `timeouts.first_token` ({}): every call would time out",
+                        humantime::format_duration(t.first_token)
+                    ),
+                ));
+            }
+        }
         let r = &provider.retry;
         if r.attempts == 0 {
             return Err((
@@ -210,6 +234,15 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     if !(0.0..=1.0).contains(&t.sample_ratio) {
         return Err((p(&["telemetry", "sample_ratio"]), "must be between 0 and 1".into()));
     }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&t.log_level) {
+        return Err((p(&["telemetry", "log_level"]), format!("not a log filter like \"info\": {e}")));
+    }
+    if t.export_interval.is_zero() {
+        return Err((p(&["telemetry", "export_interval"]), "must be more than 0".into()));
+    }
+    if c.listen.port() != 0 && c.listen == c.admin_listen {
+        return Err((p(&["admin_listen"]), "must not be the same address as `listen`".into()));
+    }
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
     }
@@ -228,6 +261,9 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
     }
     Ok(())
 }
+
+/// The longest mock pacing; longer is a typo, and would overflow timers.
+const MAX_MOCK_DELAY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A URL with its password (and user) replaced, for messages.
 pub fn redact_url(url: &str) -> String {
@@ -421,5 +457,42 @@ api_keys:
         assert!(e.to_string().contains("1h"), "{e}");
         let text = format!("{GOOD}server:\n  default_timeout: 2h\n  max_timeout: 3h\n");
         assert_eq!(parse(&text, None).unwrap().server.default_timeout.as_secs(), 7200);
+    }
+
+    #[test]
+    fn values_that_fail_every_call_are_refused() {
+        let mock = "  m:\n    kind: mock\n";
+        for (insert, key) in [
+            ("    default_max_tokens: 0\n", "providers.m.default_max_tokens"),
+            ("    mock: { first_token_delay: 30s }\n", "providers.m.mock.first_token_delay"),
+            (
+                "    timeouts: { first_token: 1s }\n    mock: { first_token_delay: 2s }\n",
+                "providers.m.mock.first_token_delay",
+            ),
+            ("    mock: { token_delay: 2h }\n", "providers.m.mock.token_delay"),
+            ("    timeouts: { read: 0s }\n", "providers.m.timeouts.read"),
+        ] {
+            let text = GOOD.replace(mock, &format!("{mock}{insert}"));
+            let e = parse(&text, None).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{insert}: {e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        let ok =
+            GOOD.replace(mock, &format!("{mock}    mock: {{ first_token_delay: 29s, token_delay: 1h }}\n"));
+        parse(&ok, None).unwrap();
+        for (extra, key) in [
+            ("telemetry:\n  log_level: \"info,=[\"\n", "telemetry.log_level"),
+            ("telemetry:\n  export_interval: 0s\n", "telemetry.export_interval"),
+            ("admin_listen: 127.0.0.1:0\n", ""),
+        ] {
+            let text = format!("{GOOD}{extra}");
+            match parse(&text, None) {
+                Err(e) => assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}"),
+                Ok(_) => assert_eq!(key, "", "{extra} was accepted"),
+            }
+        }
+        let text =
+            GOOD.replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:7000\nadmin_listen: 127.0.0.1:7000");
+        assert_eq!(parse(&text, None).unwrap_err().key.as_deref(), Some("admin_listen"));
     }
 }

@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use auth::{Caller, INVALID_KEY, Keys, MISSING_KEY};
+pub use auth::{Caller, INVALID_KEY, KeyError, Keys, MISSING_KEY};
 pub(crate) use call::call_span;
 pub use call::{Call, CallMeta, Door, Outcome, new_id};
 pub use collect::Answer;

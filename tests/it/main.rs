@@ -12,6 +12,7 @@ mod cancel;
 mod config;
 mod deadline;
 mod errors;
+mod fail_closed;
 mod fallback;
 mod headers;
 mod metrics;
