@@ -14,6 +14,7 @@ mod deadline;
 mod errors;
 mod fail_closed;
 mod fallback;
+mod fuzz_corpus;
 mod headers;
 mod metrics;
 mod routing;
