@@ -189,11 +189,22 @@ struct EventBound<S> {
     utf8: Utf8Check,
     /// What is left of a chunk cut into pieces.
     rest: Option<bytes::Bytes>,
+    /// The body turned out not to be UTF-8: the error is due (Some(false))
+    /// or was given (Some(true)).
+    invalid: Option<bool>,
 }
 
 impl<S> EventBound<S> {
     fn new(inner: S) -> Self {
-        Self { inner, pending: 0, newline: false, start: Some(0), utf8: Utf8Check::default(), rest: None }
+        Self {
+            inner,
+            pending: 0,
+            newline: false,
+            start: Some(0),
+            utf8: Utf8Check::default(),
+            rest: None,
+            invalid: None,
+        }
     }
 
     /// The chunk without leading byte order marks; None when nothing is left.
@@ -243,6 +254,14 @@ where
     type Item = Result<bytes::Bytes, BodyError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.invalid {
+            Some(false) => {
+                self.invalid = Some(true);
+                return Poll::Ready(Some(Err(BodyError::Utf8)));
+            }
+            Some(true) => return Poll::Ready(None),
+            None => {}
+        }
         let chunk = match self.rest.take() {
             Some(rest) => rest,
             None => match ready!(self.next_chunk(cx)) {
@@ -256,9 +275,18 @@ where
         } else {
             chunk
         };
-        if !self.utf8.check(&chunk) {
-            return Poll::Ready(Some(Err(BodyError::Utf8)));
-        }
+        // The events before an invalid byte are passed on, as the parser
+        // would have; the error comes next.
+        let chunk = match self.utf8.check(&chunk) {
+            Ok(()) => chunk,
+            Err(valid) => {
+                self.invalid = Some(false);
+                if valid == 0 {
+                    return self.poll_next(cx);
+                }
+                chunk.slice(..valid)
+            }
+        };
         let (mut pending, mut newline) = (self.pending, self.newline);
         for &b in chunk.iter() {
             match b {
@@ -289,25 +317,27 @@ struct Utf8Check {
 }
 
 impl Utf8Check {
-    /// False once the body is not UTF-8.
-    fn check(&mut self, chunk: &[u8]) -> bool {
+    /// Err once the body is not UTF-8, with the length of the chunk's valid
+    /// start.
+    fn check(&mut self, chunk: &[u8]) -> Result<(), usize> {
         let mut rest = chunk;
         while self.carried > 0 {
             match std::str::from_utf8(&self.carry[..self.carried]) {
                 Ok(_) => self.carried = 0,
-                Err(e) if e.error_len().is_some() => return false,
+                Err(e) if e.error_len().is_some() => return Err(0),
                 Err(_) => {
-                    let Some((&b, tail)) = rest.split_first() else { return true };
-                    let Some(slot) = self.carry.get_mut(self.carried) else { return false };
+                    let Some((&b, tail)) = rest.split_first() else { return Ok(()) };
+                    let Some(slot) = self.carry.get_mut(self.carried) else { return Err(0) };
                     *slot = b;
                     self.carried += 1;
                     rest = tail;
                 }
             }
         }
+        let checked = chunk.len() - rest.len();
         match std::str::from_utf8(rest) {
-            Ok(_) => true,
-            Err(e) if e.error_len().is_some() => false,
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(checked + e.valid_up_to()),
             Err(e) => {
                 // The end of the chunk cut a character: keep its bytes.
                 let tail = &rest[e.valid_up_to()..];
@@ -315,9 +345,9 @@ impl Utf8Check {
                     Some(slot) => {
                         slot.copy_from_slice(tail);
                         self.carried = tail.len();
-                        true
+                        Ok(())
                     }
-                    None => false,
+                    None => Err(checked + e.valid_up_to()),
                 }
             }
         }
@@ -381,6 +411,10 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0], Ok("a".to_owned()));
         assert!(got[1].as_ref().is_err_and(|e| e.contains("invalid UTF-8")), "{got:?}");
+        // What came before the invalid byte in its chunk is still read.
+        let got = events(&[b"data: a\n\ndata: \xFF\n\ndata: b\n\n"]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0], Ok("a".to_owned()));
         // A character cut by chunk boundaries is whole again.
         let got = events(&[b"data: \xE2", b"\x82", b"\xAC \xF0\x9F", b"\x98\x80\n\n"]);
         assert_eq!(got, [Ok("\u{20ac} \u{1f600}".to_owned())]);
