@@ -54,7 +54,9 @@ pub fn parse(text: &str, file: Option<&str>) -> Result<Config, ConfigError> {
         file: file.map(str::to_owned),
         key,
         line,
-        message,
+        // The parser quotes the file around an error: a proxy URL on a line
+        // near it would show its password.
+        message: redact_urls_in(&message),
     };
     let config: Config = serde_saphyr::from_str(text).map_err(|e| {
         let message = e.to_string();
@@ -282,6 +284,32 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `text` with the credentials of every URL in it replaced: whatever
+/// stands between a `://` and the last `@` on its line, so that a password
+/// holding `/`, `,` or `:` is cut too.
+fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let mut rest = line;
+        while let Some(scheme_end) = rest.find("://") {
+            let (head, tail) = rest.split_at(scheme_end + 3);
+            out.push_str(head);
+            match tail.rfind('@') {
+                Some(at) => {
+                    out.push_str("REDACTED");
+                    rest = &tail[at..];
+                }
+                None => rest = tail,
+            }
+        }
+        out.push_str(rest);
+    }
+    out
+}
+
 /// The public endpoint of a vendor's API.
 pub fn default_base_url(kind: ProviderKind) -> &'static str {
     match kind {
@@ -494,5 +522,14 @@ api_keys:
         let text =
             GOOD.replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:7000\nadmin_listen: 127.0.0.1:7000");
         assert_eq!(parse(&text, None).unwrap_err().key.as_deref(), Some("admin_listen"));
+    }
+
+    #[test]
+    fn urls_in_messages_lose_their_credentials() {
+        let shown = redact_urls_in("4 |   proxy: socks5://u:p/a,s@s@h:1\n5 | x: http://h/@y z\nno url @ all");
+        assert_eq!(shown, "4 |   proxy: socks5://REDACTED@h:1\n5 | x: http://REDACTED@y z\nno url @ all");
+        let text = "providers:\n  p:\n    kind: openai\n    proxy: socks5://user:pw-secret@127.0.0.1:1080\n    timeouts: { connect: soon }\nmodels:\n  m:\n    targets: [{ provider: p, model: x }]\n";
+        let e = parse(text, None).unwrap_err().to_string();
+        assert!(e.contains("soon") && !e.contains("pw-secret"), "{e}");
     }
 }

@@ -11,7 +11,7 @@ use std::{
 
 use reqwest::{Client, RequestBuilder, Response, header::HeaderMap};
 
-use futures_util::{FutureExt, future::BoxFuture};
+use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
 use super::{
     DeltaStream, ProviderError,
@@ -79,12 +79,25 @@ impl Endpoint {
         translator: T,
     ) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
         let fallback = self.fallback.clone();
+        let key: Option<Arc<str>> = self.api_key.as_deref().map(Arc::from);
         async move {
-            let response = match fallback {
-                None => send(request).await?,
-                Some(fallback) => fallback.send(request).await?,
+            let sent = match fallback {
+                None => send(request).await,
+                Some(fallback) => fallback.send(request).await,
             };
-            Ok(sse::deltas(response, translator))
+            let deltas = match (sent, &key) {
+                (Ok(response), _) => sse::deltas(response, translator),
+                (Err(e), Some(key)) => return Err(e.redact(key)),
+                (Err(e), None) => return Err(e),
+            };
+            // An upstream may quote the key it was sent, in its refusal or
+            // in an error event mid-stream: it never travels further.
+            Ok(match key {
+                Some(key) => {
+                    Box::pin(deltas.map(move |item| item.map_err(|e| e.redact(&key)))) as DeltaStream
+                }
+                None => deltas,
+            })
         }
         .boxed()
     }

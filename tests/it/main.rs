@@ -18,6 +18,7 @@ mod fuzz_corpus;
 mod headers;
 mod metrics;
 mod routing;
+mod secrets;
 mod service;
 mod shutdown;
 mod sse;
