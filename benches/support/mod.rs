@@ -8,6 +8,7 @@ pub mod perf;
 pub mod phases;
 pub mod process;
 pub mod report;
+pub mod soak;
 pub mod upstream;
 
 /// Errors of the bench's own setup; they end the run with a message.
