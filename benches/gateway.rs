@@ -4,9 +4,11 @@
 //! then measures side by side, in one run: added time to first token,
 //! the same at fixed arrival rates below saturation (open loop),
 //! saturation throughput and CPU per delta, RSS per open stream,
-//! cancel-to-upstream-close, start-up time, and the cost of tracing (issue
+//! cancel-to-upstream-close, start-up time, the cost of tracing (issue
 //! #4: the same calls with the span exporter off, on, and pointed at a
-//! collector that refuses connections). It prints a table, writes
+//! collector that refuses connections), and a soak with faults (issue #16:
+//! half the saturation rate with cancels, deadlines, upstream 500s, resets
+//! and hangs, then a storm of cancels, each followed by idle checks). It prints a table, writes
 //! JSON to `target/bench-results/`, and never judges: budgets are shown, not
 //! asserted.
 //!
@@ -14,11 +16,12 @@
 //! cargo bench --bench gateway                 # full run, release build
 //! cargo bench --bench gateway -- --quick      # a few seconds: does it still work?
 //! cargo bench --bench gateway -- --perf       # also `perf record` the gateway
+//! cargo bench --bench gateway -- --only soak  # the soak alone, about two minutes
 //! ```
 //!
 //! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
 //! flight in the throughput runs, 64, as in the issue's comparison), `--only
-//! startup,latency,openloop,throughput,memory,cancel,tracing` (some parts
+//! startup,latency,openloop,throughput,memory,cancel,tracing,soak` (some parts
 //! only).
 //! `BENCH_QUICK=1` is `--quick`; `BENCH_GATEWAY_LOG=FILE` keeps the gateways'
 //! output and `BENCH_GATEWAY_RUST_LOG=FILTER` sets their log filter.
@@ -59,6 +62,7 @@ enum Phase {
     Cancel,
     Tracing,
     Admission,
+    Soak,
 }
 
 impl Phase {
@@ -72,9 +76,10 @@ impl Phase {
             "cancel" => Phase::Cancel,
             "tracing" => Phase::Tracing,
             "admission" => Phase::Admission,
+            "soak" => Phase::Soak,
             _ => {
                 return Err(format!(
-                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing, admission)"
+                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing, admission, soak)"
                 )
                 .into());
             }
@@ -152,6 +157,7 @@ struct Plan {
     /// variant.
     tracing_calls: u64,
     tracing_time: Duration,
+    soak: support::soak::SoakPlan,
     /// The whole bench stops after this, measured or not.
     total_limit: Duration,
 }
@@ -171,6 +177,14 @@ impl Plan {
                 cancels: 50,
                 tracing_calls: 200,
                 tracing_time: Duration::from_secs(1),
+                soak: support::soak::SoakPlan {
+                    saturation_time: Duration::from_millis(600),
+                    concurrency: 64,
+                    soak_time: Duration::from_secs(2),
+                    max_in_flight: 256,
+                    storm: 100,
+                    settle: Duration::from_secs(10),
+                },
                 total_limit: Duration::from_secs(180),
             }
         } else {
@@ -188,6 +202,15 @@ impl Plan {
                 cancels: 1_000,
                 tracing_calls: 3_000,
                 tracing_time: Duration::from_secs(5),
+                // About two minutes in all.
+                soak: support::soak::SoakPlan {
+                    saturation_time: Duration::from_secs(3),
+                    concurrency: 64,
+                    soak_time: Duration::from_secs(90),
+                    max_in_flight: 1024,
+                    storm: 1_000,
+                    settle: Duration::from_secs(10),
+                },
                 total_limit: Duration::from_secs(900),
             }
         }
@@ -292,6 +315,7 @@ async fn run(
         memory: None,
         cancellation: None,
         tracing: Vec::new(),
+        soak: None,
     };
 
     if options.runs(Phase::Startup) {
@@ -476,6 +500,16 @@ async fn run(
             report.cancellation =
                 Some(phases::cancellation(gateway.grpc_addr, &upstream.stats, plan.cancels).await?);
         }
+    }
+    if options.runs(Phase::Soak) {
+        // A fresh gateway: what it holds at the end is the soak's doing.
+        let gateway = Gateway::spawn(bin, &config).await?;
+        let s = &plan.soak;
+        progress(&format!(
+            "soak: saturation, then half of it for {:?} with faults; then {} cancels at once",
+            s.soak_time, s.storm
+        ));
+        report.soak = Some(support::soak::run(&gateway, &upstream.stats, s).await?);
     }
     if options.runs(Phase::Tracing)
         && let Some(collector) = collector

@@ -39,7 +39,7 @@ use crate::{
     admission::Admission,
     api::{GatewayService, pb},
     config::Config,
-    core::{Core, Keys, Live},
+    core::{Core, KeyError, Keys, Live},
     http,
     providers::ProviderError,
     reload,
@@ -66,6 +66,8 @@ pub enum AppError {
     Tls(#[from] crate::tls::TlsError),
     #[error("admission: {0}")]
     Admission(#[from] crate::admission::SetupError),
+    #[error("{0}")]
+    Keys(#[from] KeyError),
 }
 
 /// The gateway's listeners, bound before it runs so that callers (and
@@ -130,7 +132,7 @@ pub async fn run(
 fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live, AppError> {
     let router = Router::new(config, metrics.clone()).map_err(|(name, e)| AppError::Provider(name, e))?;
     let admission = Arc::new(Admission::new(config, metrics.clone())?);
-    Ok(Live { router, keys: Keys::new(&config.api_keys), admission })
+    Ok(Live { router, keys: Keys::new(&config.api_keys)?, admission })
 }
 
 /// [`run`], reloading the config from `source` (when given) on request and
@@ -144,6 +146,9 @@ pub async fn run_with(
     let metrics = Arc::new(Metrics::new());
     let tls = config.server.tls.as_ref().map(Tls::load).transpose()?;
     let live = build_live(&config, &metrics)?;
+    if !live.keys.enabled() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "auth is off: no api_keys, and anyone who can reach the listener may call every model");
+    }
     live.admission.connect().await;
     let draining = CancellationToken::new();
     let hard_stop = CancellationToken::new();
@@ -154,6 +159,7 @@ pub async fn run_with(
         live: ArcSwap::from_pointee(live),
         metrics: metrics.clone(),
         default_timeout: config.server.default_timeout,
+        max_timeout: config.server.max_timeout,
         record_content: config.telemetry.record_content,
         draining: draining.clone(),
         hard_stop: hard_stop.clone(),

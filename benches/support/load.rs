@@ -227,6 +227,9 @@ pub async fn open_loop(
     out
 }
 
+/// A gRPC client of the gateway.
+pub type Client = LlmGatewayClient<Channel>;
+
 /// A client on one of the connections.
 pub fn pb_client(channel: Channel) -> LlmGatewayClient<Channel> {
     LlmGatewayClient::new(channel)

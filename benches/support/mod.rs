@@ -9,6 +9,7 @@ pub mod phases;
 pub mod process;
 pub mod redis;
 pub mod report;
+pub mod soak;
 pub mod upstream;
 
 /// Errors of the bench's own setup; they end the run with a message.

@@ -62,6 +62,7 @@ providers:
   dead-cb: {{kind: openai, base_url: \"http://127.0.0.1:1/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 1, open_for: 1h}}}}
   up503: {{kind: openai, base_url: \"http://{upstream}/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 0}}}}
   up503-cb: {{kind: openai, base_url: \"http://{upstream}/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 1, open_for: 1h}}}}
+  faulty: {{kind: openai, base_url: \"http://{upstream}/v1\", retry: {{attempts: 1}}, circuit_breaker: {{failures: 0}}}}
 models:
   fast: {{targets: [{{provider: up, model: fast}}]}}
   burst: {{targets: [{{provider: up, model: burst}}]}}
@@ -72,6 +73,9 @@ models:
   down-refused-open: {{targets: [{{provider: dead-cb, model: x}}, {{provider: up, model: fast}}]}}
   down-503: {{targets: [{{provider: up503, model: fail503}}, {{provider: up, model: fast}}]}}
   down-503-open: {{targets: [{{provider: up503-cb, model: fail503}}, {{provider: up, model: fast}}]}}
+  soak-500: {{targets: [{{provider: faulty, model: fail500}}]}}
+  soak-reset: {{targets: [{{provider: faulty, model: reset}}]}}
+  soak-hang: {{targets: [{{provider: faulty, model: hang}}]}}
 "
     )
 }
@@ -96,6 +100,8 @@ pub struct Gateway {
     pub http_addr: Option<SocketAddr>,
     pub start: StartTimes,
     log_lines: Arc<AtomicU64>,
+    /// Lines of its output that report a panic.
+    panics: Arc<AtomicU64>,
     tail: Arc<Mutex<VecDeque<String>>>,
     _dir: tempfile::TempDir,
 }
@@ -152,6 +158,7 @@ impl Gateway {
             http_addr: None,
             start: StartTimes { to_log: Duration::ZERO, to_serving: Duration::ZERO },
             log_lines: Arc::new(AtomicU64::new(0)),
+            panics: Arc::new(AtomicU64::new(0)),
             tail: Arc::new(Mutex::new(VecDeque::new())),
             _dir: dir,
         };
@@ -164,10 +171,12 @@ impl Gateway {
             None => None,
         };
         if let Some(out) = stdout {
-            read_lines(out, Some(serving_tx), gateway.log_lines.clone(), gateway.tail.clone(), copy.clone());
+            let counts = (gateway.log_lines.clone(), gateway.panics.clone());
+            read_lines(out, Some(serving_tx), counts, gateway.tail.clone(), copy.clone());
         }
         if let Some(err) = stderr {
-            read_lines(err, None, Arc::new(AtomicU64::new(0)), gateway.tail.clone(), copy);
+            let counts = (Arc::new(AtomicU64::new(0)), gateway.panics.clone());
+            read_lines(err, None, counts, gateway.tail.clone(), copy);
         }
         let (logged_at, Serving { grpc: addr, admin, http }) =
             match tokio::time::timeout(START_WAIT, serving_rx).await {
@@ -197,6 +206,11 @@ impl Gateway {
     /// The last lines the child wrote, for error messages.
     pub fn tail(&self) -> String {
         self.tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+    }
+
+    /// Panics the gateway reported so far (Rust prints "panicked at").
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     /// Lines written to stdout so far (one per finished call, at info).
@@ -244,11 +258,11 @@ fn sample(page: &str, name: &str) -> Option<f64> {
 
 /// Reads a child's output on a thread of its own (so a full pipe never
 /// stalls the gateway), hands the "serving" line's address to `serving`,
-/// counts lines and keeps the last few.
+/// counts lines and panic reports, and keeps the last few lines.
 fn read_lines(
     out: impl Read + Send + 'static,
     mut serving: Option<oneshot::Sender<(Instant, Serving)>>,
-    lines: Arc<AtomicU64>,
+    (lines, panics): (Arc<AtomicU64>, Arc<AtomicU64>),
     tail: Arc<Mutex<VecDeque<String>>>,
     copy: Option<Arc<Mutex<std::fs::File>>>,
 ) {
@@ -262,6 +276,9 @@ fn read_lines(
                 Ok(_) => {}
             }
             lines.fetch_add(1, Ordering::Relaxed);
+            if line.contains("panicked at") {
+                panics.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(file) = &copy
                 && let Ok(mut f) = file.lock()
             {

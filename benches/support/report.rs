@@ -184,6 +184,7 @@ pub struct Report {
     pub cancellation: Option<Cancellation>,
     /// Exporter off / on / collector down, in that order.
     pub tracing: Vec<TracingVariant>,
+    pub soak: Option<super::soak::Soak>,
 }
 
 fn ms(us: Option<u64>) -> String {
@@ -202,7 +203,7 @@ fn mark(ok: Option<bool>) -> &'static str {
     }
 }
 
-fn mib(kib: u64) -> String {
+pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
@@ -351,6 +352,15 @@ impl Report {
                 b.errors,
                 b.first_error.as_deref().map(|e| format!(" (first: {e})")).unwrap_or_default()
             );
+        }
+
+        let _ =
+            writeln!(out, "\nSoak (faults, cancels and deadlines at half saturation; then a cancel storm)");
+        match &self.soak {
+            Some(soak) => out.push_str(&soak.table()),
+            None => {
+                let _ = writeln!(out, "  (not run)");
+            }
         }
 
         let _ = writeln!(out, "\nMemory (gateway RSS; streams held open by a silent upstream)");
@@ -761,6 +771,7 @@ impl Report {
                 "errors": c.errors,
                 "first_error": c.first_error,
             })),
+            "soak": self.soak.as_ref().map(super::soak::Soak::json),
             "tracing": (!self.tracing.is_empty()).then(|| json!({
                 "variants": self.tracing.iter().map(tracing).collect::<Vec<_>>(),
             })),

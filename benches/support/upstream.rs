@@ -8,6 +8,10 @@
 //! a model server does), `burst` writes the whole answer at once, `slow`
 //! writes the first token and then holds the stream open until the
 //! connection closes or the upstream stops.
+//!
+//! Faults, for the soak: `fail500` answers HTTP 500, `reset` writes three
+//! tokens and then breaks the connection off mid-stream (no end chunk),
+//! `hang` sends its headers and then nothing until the connection closes.
 
 use std::{
     collections::HashMap,
@@ -53,6 +57,11 @@ pub struct Stats {
     pub aborted: AtomicU64,
     /// Slow streams currently held open.
     pub held: AtomicI64,
+    /// Response bodies alive (streams being written or held), and
+    /// connections open: what a soak must find back at zero and at the
+    /// gateway's idle pool.
+    pub streams_open: AtomicI64,
+    pub connections_open: AtomicI64,
     /// Tagged requests whose close someone waits for.
     close_waiters: Mutex<HashMap<u64, oneshot::Sender<Instant>>>,
 }
@@ -146,9 +155,11 @@ pub async fn start(tokens: usize) -> Result<Upstream, BoxError> {
             // Without it each token would wait for the peer's delayed ACK.
             let _ = stream.set_nodelay(true);
             shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+            shared.stats.connections_open.fetch_add(1, Ordering::Relaxed);
             let shared = shared.clone();
             let stop = accept_stop.clone();
             tracker.spawn(async move {
+                let stats = shared.stats.clone();
                 let service = service_fn(move |req| handle(req, shared.clone()));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
@@ -157,6 +168,7 @@ pub async fn start(tokens: usize) -> Result<Upstream, BoxError> {
                     _ = conn => {}
                     _ = stop.cancelled() => {}
                 }
+                stats.connections_open.fetch_sub(1, Ordering::Relaxed);
             });
         }
         tracker.close();
@@ -202,19 +214,27 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let body = match request.model.as_str() {
         "fast" => SseBody::stream(script.chunks.clone(), None, true),
         "burst" => SseBody::stream(script.whole.clone(), None, false),
-        "slow" => {
+        "slow" | "hang" => {
             let hold = Hold {
                 stats: shared.stats.clone(),
                 tag,
                 release: Some(Box::pin(shared.release.clone().cancelled_owned())),
                 holding: false,
+                from: if request.model == "hang" { 0 } else { 1 },
             };
             SseBody::stream(script.chunks.clone(), Some(hold), false)
         }
+        "reset" => {
+            let mut body = SseBody::stream(script.chunks.clone(), None, true);
+            body.reset_at = Some(3);
+            body
+        }
         // A target that is down hard (the routing scenario).
         "fail503" => return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "down")),
+        "fail500" => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, "broken")),
         _ => return Ok(error(StatusCode::NOT_FOUND, "no such model")),
     };
+    shared.stats.streams_open.fetch_add(1, Ordering::Relaxed);
     let mut response = Response::new(body.counted(shared.stats.clone()));
     let headers = response.headers_mut();
     headers.insert("content-type", hyper::header::HeaderValue::from_static("text/event-stream"));
@@ -247,12 +267,14 @@ fn error(status: StatusCode, message: &str) -> Response<SseBody> {
     response
 }
 
-/// Where a slow stream stops after its first chunk.
+/// Where a slow stream stops: after its first chunk (`from` 1), or before
+/// any (`from` 0, a hang).
 struct Hold {
     stats: Arc<Stats>,
     tag: Option<u64>,
     release: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     holding: bool,
+    from: usize,
 }
 
 /// A response body of pre-encoded chunks; counts completed and aborted
@@ -264,12 +286,14 @@ pub struct SseBody {
     flush_each: bool,
     yielded: bool,
     hold: Option<Hold>,
+    /// Break the connection off before this chunk.
+    reset_at: Option<usize>,
     stats: Option<Arc<Stats>>,
 }
 
 impl SseBody {
     fn stream(chunks: Arc<[Bytes]>, hold: Option<Hold>, flush_each: bool) -> Self {
-        Self { chunks, next: 0, flush_each, yielded: false, hold, stats: None }
+        Self { chunks, next: 0, flush_each, yielded: false, hold, reset_at: None, stats: None }
     }
 
     fn counted(mut self, stats: Arc<Stats>) -> Self {
@@ -280,36 +304,39 @@ impl SseBody {
 
 impl Body for SseBody {
     type Data = Bytes;
-    type Error = Infallible;
+    /// An error makes hyper drop the connection mid-body: the `reset` fault.
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
         let Some(chunk) = this.chunks.get(this.next).cloned() else {
             return Poll::Ready(None);
         };
-        if this.next > 0 {
-            if let Some(hold) = &mut this.hold
-                && let Some(release) = &mut hold.release
-            {
-                if release.as_mut().poll(cx).is_pending() {
-                    if !hold.holding {
-                        hold.holding = true;
-                        hold.stats.held.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Poll::Pending;
+        if this.reset_at.is_some_and(|at| this.next >= at) {
+            return Poll::Ready(Some(Err(std::io::Error::other("reset fault"))));
+        }
+        if let Some(hold) = &mut this.hold
+            && this.next >= hold.from
+            && let Some(release) = &mut hold.release
+        {
+            if release.as_mut().poll(cx).is_pending() {
+                if !hold.holding {
+                    hold.holding = true;
+                    hold.stats.held.fetch_add(1, Ordering::Relaxed);
                 }
-                hold.release = None;
-                if std::mem::take(&mut hold.holding) {
-                    hold.stats.held.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            if this.flush_each && !std::mem::replace(&mut this.yielded, true) {
-                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
+            hold.release = None;
+            if std::mem::take(&mut hold.holding) {
+                hold.stats.held.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if this.next > 0 && this.flush_each && !std::mem::replace(&mut this.yielded, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         this.yielded = false;
         this.next += 1;
@@ -329,6 +356,9 @@ impl Body for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         let at = Instant::now();
+        if let Some(stats) = &self.stats {
+            stats.streams_open.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(hold) = &self.hold
             && hold.holding
         {

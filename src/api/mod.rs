@@ -10,6 +10,9 @@ mod service;
 mod stream;
 
 pub use error::{GRPC, code, to_status};
+/// For the fuzz targets (`fuzz/`) and the test replaying their corpus.
+#[doc(hidden)]
+pub use metadata::grpc_timeout;
 pub use service::GatewayService;
 
 /// The generated types and stubs of `proto/llmgateway/v1/gateway.proto`.

@@ -54,7 +54,9 @@ pub fn parse(text: &str, file: Option<&str>) -> Result<Config, ConfigError> {
         file: file.map(str::to_owned),
         key,
         line,
-        message,
+        // The parser quotes the file around an error: a proxy URL on a line
+        // near it would show its password.
+        message: redact_urls_in(&message),
     };
     let config: Config = serde_saphyr::from_str(text).map_err(|e| {
         let message = e.to_string();
@@ -126,6 +128,30 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
                 return Err((
                     p(&["providers", name, "timeouts", key]),
                     "must be more than 0: every call would time out".into(),
+                ));
+            }
+        }
+        if provider.default_max_tokens == 0 {
+            return Err((
+                p(&["providers", name, "default_max_tokens"]),
+                "must be at least 1: an answer of 0 tokens is refused (anthropic) or empty".into(),
+            ));
+        }
+        if provider.kind == ProviderKind::Mock {
+            let m = &provider.mock;
+            for (key, value) in [("first_token_delay", m.first_token_delay), ("token_delay", m.token_delay)] {
+                // The same bound the model name's overrides have.
+                if value > MAX_MOCK_DELAY {
+                    return Err((p(&["providers", name, "mock", key]), "must be at most 1h".into()));
+                }
+            }
+            if m.first_token_delay >= t.first_token {
+                return Err((
+                    p(&["providers", name, "mock", "first_token_delay"]),
+                    format!(
+                        "must be less than `timeouts.first_token` ({}): every call would time out",
+                        humantime::format_duration(t.first_token)
+                    ),
                 ));
             }
         }
@@ -223,8 +249,30 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
             }
         }
     }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&t.log_level) {
+        return Err((p(&["telemetry", "log_level"]), format!("not a log filter like \"info\": {e}")));
+    }
+    if t.export_interval.is_zero() {
+        return Err((p(&["telemetry", "export_interval"]), "must be more than 0".into()));
+    }
+    if c.listen.port() != 0 && c.listen == c.admin_listen {
+        return Err((p(&["admin_listen"]), "must not be the same address as `listen`".into()));
+    }
     if c.server.max_concurrent_streams == 0 {
         return Err((p(&["server", "max_concurrent_streams"]), "must be at least 1".into()));
+    }
+    let s = &c.server;
+    if s.max_timeout.is_zero() {
+        return Err((p(&["server", "max_timeout"]), "must be more than 0: every call would time out".into()));
+    }
+    if s.default_timeout > s.max_timeout {
+        return Err((
+            p(&["server", "default_timeout"]),
+            format!(
+                "must not be more than `server.max_timeout` ({}), which caps every deadline",
+                humantime::format_duration(s.max_timeout)
+            ),
+        ));
     }
     for (key, d) in
         [("handshake_timeout", c.server.handshake_timeout), ("body_read_timeout", c.server.body_read_timeout)]
@@ -362,6 +410,9 @@ fn validate_admission(c: &Config) -> Result<(), (Vec<String>, String)> {
     Ok(())
 }
 
+/// The longest mock pacing; longer is a typo, and would overflow timers.
+const MAX_MOCK_DELAY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A URL with its password (and user) replaced, for messages.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
@@ -400,6 +451,32 @@ fn reasoning(provider: &ProviderConfig, r: &ReasoningConfig) -> Result<(), (Opti
             "applies to kind gemini and anthropic only; an OpenAI-compatible server's reasoning text is forwarded unasked".into(),
         )),
     }
+}
+
+/// `text` with the credentials of every URL in it replaced: whatever
+/// stands between a `://` and the last `@` on its line, so that a password
+/// holding `/`, `,` or `:` is cut too.
+fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let mut rest = line;
+        while let Some(scheme_end) = rest.find("://") {
+            let (head, tail) = rest.split_at(scheme_end + 3);
+            out.push_str(head);
+            match tail.rfind('@') {
+                Some(at) => {
+                    out.push_str("REDACTED");
+                    rest = &tail[at..];
+                }
+                None => rest = tail,
+            }
+        }
+        out.push_str(rest);
+    }
+    out
 }
 
 /// The public endpoint of a vendor's API.
@@ -701,5 +778,67 @@ api_keys:
             ("llmgw", crate::config::FailureMode::Closed, 1)
         );
         assert_eq!(c.queue.max_waiting, 5);
+    }
+
+    #[test]
+    fn max_timeout_is_checked_against_zero_and_the_default() {
+        let c = parse(GOOD, None).unwrap();
+        assert_eq!(c.server.max_timeout.as_secs(), 3600);
+        let text = format!("{GOOD}server:\n  max_timeout: 0s\n");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.max_timeout"), "{e}");
+        assert_eq!(e.line, Some(20), "{e}");
+        let text = format!("{GOOD}server:\n  default_timeout: 2h\n");
+        let e = parse(&text, None).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.default_timeout"), "{e}");
+        assert!(e.to_string().contains("1h"), "{e}");
+        let text = format!("{GOOD}server:\n  default_timeout: 2h\n  max_timeout: 3h\n");
+        assert_eq!(parse(&text, None).unwrap().server.default_timeout.as_secs(), 7200);
+    }
+
+    #[test]
+    fn values_that_fail_every_call_are_refused() {
+        let mock = "  m:\n    kind: mock\n";
+        for (insert, key) in [
+            ("    default_max_tokens: 0\n", "providers.m.default_max_tokens"),
+            ("    mock: { first_token_delay: 30s }\n", "providers.m.mock.first_token_delay"),
+            (
+                "    timeouts: { first_token: 1s }\n    mock: { first_token_delay: 2s }\n",
+                "providers.m.mock.first_token_delay",
+            ),
+            ("    mock: { token_delay: 2h }\n", "providers.m.mock.token_delay"),
+            ("    timeouts: { read: 0s }\n", "providers.m.timeouts.read"),
+        ] {
+            let text = GOOD.replace(mock, &format!("{mock}{insert}"));
+            let e = parse(&text, None).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{insert}: {e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        let ok =
+            GOOD.replace(mock, &format!("{mock}    mock: {{ first_token_delay: 29s, token_delay: 1h }}\n"));
+        parse(&ok, None).unwrap();
+        for (extra, key) in [
+            ("telemetry:\n  log_level: \"info,=[\"\n", "telemetry.log_level"),
+            ("telemetry:\n  export_interval: 0s\n", "telemetry.export_interval"),
+            ("admin_listen: 127.0.0.1:0\n", ""),
+        ] {
+            let text = format!("{GOOD}{extra}");
+            match parse(&text, None) {
+                Err(e) => assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}"),
+                Ok(_) => assert_eq!(key, "", "{extra} was accepted"),
+            }
+        }
+        let text =
+            GOOD.replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:7000\nadmin_listen: 127.0.0.1:7000");
+        assert_eq!(parse(&text, None).unwrap_err().key.as_deref(), Some("admin_listen"));
+    }
+
+    #[test]
+    fn urls_in_messages_lose_their_credentials() {
+        let shown = redact_urls_in("4 |   proxy: socks5://u:p/a,s@s@h:1\n5 | x: http://h/@y z\nno url @ all");
+        assert_eq!(shown, "4 |   proxy: socks5://REDACTED@h:1\n5 | x: http://REDACTED@y z\nno url @ all");
+        let text = "providers:\n  p:\n    kind: openai\n    proxy: socks5://user:pw-secret@127.0.0.1:1080\n    timeouts: { connect: soon }\nmodels:\n  m:\n    targets: [{ provider: p, model: x }]\n";
+        let e = parse(text, None).unwrap_err().to_string();
+        assert!(e.contains("soon") && !e.contains("pw-secret"), "{e}");
     }
 }

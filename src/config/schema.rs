@@ -47,9 +47,14 @@ pub struct ServerConfig {
     /// How long calls in flight may run on after SIGTERM before they are cancelled.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
-    /// Deadline for a call that carries no `grpc-timeout`; 0 means none.
+    /// Deadline for a call that carries no `grpc-timeout`; 0 means none
+    /// (then `max_timeout` is the deadline).
     #[serde(deserialize_with = "duration")]
     pub default_timeout: Duration,
+    /// The longest deadline any call gets: a caller's longer `grpc-timeout`
+    /// is cut to it, and so is the default.
+    #[serde(deserialize_with = "duration")]
+    pub max_timeout: Duration,
     /// Most concurrent gRPC streams per client connection.
     pub max_concurrent_streams: u32,
     /// HTTP/2 keep-alive ping interval towards clients; 0 turns it off.
@@ -102,6 +107,7 @@ impl Default for ServerConfig {
         Self {
             shutdown_grace: Duration::from_secs(30),
             default_timeout: Duration::from_secs(600),
+            max_timeout: Duration::from_secs(3600),
             max_concurrent_streams: 1024,
             http2_keepalive_interval: Duration::from_secs(30),
             max_connection_age: Duration::ZERO,

@@ -38,23 +38,36 @@ pub struct Keys {
     keys: Vec<Key>,
 }
 
+/// A configured key that cannot be used: start-up stops rather than run
+/// with a key silently missing (its holder would be locked out, or, were it
+/// the only key, auth turned off).
+#[derive(Debug, thiserror::Error)]
+#[error("api_keys[{index}] ({name:?}): key_sha256 is not the 64 hex digits of a SHA-256")]
+pub struct KeyError {
+    pub index: usize,
+    pub name: String,
+}
+
 impl Keys {
-    pub fn new(config: &[ApiKeyConfig]) -> Self {
+    /// The config loader checks the digests too; this check is the one that
+    /// holds whatever built the config.
+    pub fn new(config: &[ApiKeyConfig]) -> Result<Self, KeyError> {
         let keys = config
             .iter()
-            .filter_map(|k| {
+            .enumerate()
+            .map(|(index, k)| {
                 let mut digest = [0u8; 32];
-                // The config loader has checked the hex; a bad one matches nothing.
-                hex::decode_to_slice(&k.key_sha256, &mut digest).ok()?;
+                hex::decode_to_slice(&k.key_sha256, &mut digest)
+                    .map_err(|_| KeyError { index, name: k.name.clone() })?;
                 let all = k.models.is_empty() || k.models.iter().any(|m| m == "*");
-                Some(Key {
+                Ok(Key {
                     name: k.name.as_str().into(),
                     digest,
                     models: (!all).then(|| Arc::new(k.models.iter().cloned().collect())),
                 })
             })
-            .collect();
-        Self { keys }
+            .collect::<Result<_, _>>()?;
+        Ok(Self { keys })
     }
 
     pub fn enabled(&self) -> bool {
@@ -100,6 +113,7 @@ mod tests {
             limits: Default::default(),
             budget: None,
         }])
+        .unwrap()
     }
 
     #[test]
@@ -112,5 +126,32 @@ mod tests {
         assert_eq!(c.key_name.as_deref(), Some("a"));
         assert!(c.may_use("chat"));
         assert!(!c.may_use("other"));
+    }
+
+    #[test]
+    fn a_digest_that_does_not_parse_is_an_error_not_a_dropped_key() {
+        let good = hex::encode(Sha256::digest(b"secret"));
+        for bad in ["", "zz", &good[..62], &format!("{good}00"), &good.replace('2', "g")] {
+            let e = Keys::new(&[
+                ApiKeyConfig {
+                    name: "a".into(),
+                    key_sha256: good.clone(),
+                    models: vec![],
+                    limits: Default::default(),
+                    budget: None,
+                },
+                ApiKeyConfig {
+                    name: "b".into(),
+                    key_sha256: bad.to_owned(),
+                    models: vec![],
+                    limits: Default::default(),
+                    budget: None,
+                },
+            ])
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert_eq!((e.index, e.name.as_str()), (1, "b"));
+            assert!(e.to_string().contains("api_keys[1]"), "{e}");
+        }
     }
 }

@@ -117,13 +117,14 @@ pub struct Call {
 
 impl Call {
     /// Starts the record of a call under `span` (made with [`call_span!`]);
-    /// its deadline is the caller's, else `default_timeout` (0: none).
+    /// its deadline is the caller's, else `default_timeout` (0: none), and
+    /// never later than `max_timeout` from now.
     pub(super) fn start(
         door: &'static Door,
         method: &'static str,
         span: Span,
         meta: &CallMeta<'_>,
-        default_timeout: Duration,
+        (default_timeout, max_timeout): (Duration, Duration),
         metrics: Arc<Metrics>,
         tracked: TaskTrackerToken,
     ) -> Self {
@@ -137,16 +138,19 @@ impl Call {
         span.record("request_id", request_id.as_str());
         trace.adopt(&span);
         let timeout = match meta.timeout {
-            Some(t) => Some(t),
-            None if default_timeout.is_zero() => None,
-            None => Some(default_timeout),
+            Some(t) => t,
+            None if default_timeout.is_zero() => max_timeout,
+            None => default_timeout,
         };
+        // A caller may not hold a call (and its upstream connection) for
+        // days by asking for it.
+        let timeout = timeout.min(max_timeout);
         metrics.call_started();
         Self {
             door,
             method,
             request_id,
-            deadline: timeout.and_then(|t| started.checked_add(t)),
+            deadline: started.checked_add(timeout),
             trace,
             span,
             metrics,

@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use auth::{Caller, INVALID_KEY, Keys, MISSING_KEY};
+pub use auth::{Caller, INVALID_KEY, KeyError, Keys, MISSING_KEY};
 pub(crate) use call::call_span;
 pub use call::{Call, CallMeta, Door, Outcome, new_id};
 pub use collect::Answer;
@@ -47,6 +47,8 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// The deadline of a call whose caller asked for none; 0: none.
     pub default_timeout: Duration,
+    /// The longest deadline any call gets, whatever its caller asked.
+    pub max_timeout: Duration,
     /// Record prompts and completions on spans (`telemetry.record_content`).
     pub record_content: bool,
     /// Set when the gateway starts draining: new calls are refused.
@@ -66,6 +68,14 @@ impl Core {
         span: tracing::Span,
         meta: &CallMeta<'_>,
     ) -> Call {
-        Call::start(door, method, span, meta, self.default_timeout, self.metrics.clone(), self.calls.token())
+        Call::start(
+            door,
+            method,
+            span,
+            meta,
+            (self.default_timeout, self.max_timeout),
+            self.metrics.clone(),
+            self.calls.token(),
+        )
     }
 }

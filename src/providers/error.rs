@@ -46,6 +46,30 @@ impl ProviderError {
         ProviderError::Upstream { kind: INVALID_REQUEST.into(), message: message.into() }
     }
 
+    /// The error with every occurrence of `secret` (the provider's own key,
+    /// which some upstreams quote back in their refusals) replaced.
+    pub(crate) fn redact(self, secret: &str) -> Self {
+        if secret.is_empty() {
+            return self;
+        }
+        let r = |s: String| if s.contains(secret) { s.replace(secret, "[REDACTED]") } else { s };
+        match self {
+            ProviderError::Setup(m) => ProviderError::Setup(r(m)),
+            ProviderError::Connect(m) => ProviderError::Connect(r(m)),
+            ProviderError::Status { status, message, retry_after } => {
+                ProviderError::Status { status, message: r(message), retry_after }
+            }
+            ProviderError::Stream(m) => ProviderError::Stream(r(m)),
+            ProviderError::Protocol(m) => ProviderError::Protocol(r(m)),
+            ProviderError::Upstream { kind, message } => {
+                ProviderError::Upstream { kind: r(kind), message: r(message) }
+            }
+            ProviderError::Unsupported { field, message } => {
+                ProviderError::Unsupported { field, message: r(message) }
+            }
+        }
+    }
+
     /// Whether another attempt (same or next target) may succeed.
     pub fn retryable(&self) -> bool {
         match self {

@@ -14,7 +14,7 @@ use reqwest::{
     header::{HeaderMap, HeaderValue},
 };
 
-use futures_util::{FutureExt, future::BoxFuture};
+use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
 use super::{
     DeltaStream, ProviderError,
@@ -82,7 +82,18 @@ impl Endpoint {
         translator: T,
     ) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
         let response = self.send(request);
-        async move { Ok(sse::deltas(response.await?, translator)) }.boxed()
+        let key: Option<Arc<str>> = self.api_key.as_deref().map(Arc::from);
+        async move {
+            let deltas = sse::deltas(response.await?, translator);
+            // An upstream may quote the key in an error event mid-stream too.
+            Ok(match key {
+                Some(key) => {
+                    Box::pin(deltas.map(move |item| item.map_err(|e| e.redact(&key)))) as DeltaStream
+                }
+                None => deltas,
+            })
+        }
+        .boxed()
     }
 
     /// Sends `request` as [`Endpoint::open`] does and returns the 2xx
@@ -92,10 +103,17 @@ impl Endpoint {
         request: RequestBuilder,
     ) -> impl Future<Output = Result<Response, ProviderError>> + Send + 'static {
         let fallback = self.fallback.clone();
+        let key: Option<Arc<str>> = self.api_key.as_deref().map(Arc::from);
         async move {
-            match fallback {
+            let sent = match fallback {
                 None => send(request).await,
                 Some(fallback) => fallback.send(request).await,
+            };
+            // An upstream may quote the key it was sent in its refusal: it
+            // never travels further.
+            match (sent, key) {
+                (Err(e), Some(key)) => Err(e.redact(&key)),
+                (sent, _) => sent,
             }
         }
     }

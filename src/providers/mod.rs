@@ -4,6 +4,8 @@
 
 pub mod anthropic;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gemini;
 mod http;
 pub mod mock;

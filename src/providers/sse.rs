@@ -37,10 +37,20 @@ where
     T: Translate,
 {
     Box::pin(Translated {
-        events: Box::pin(EventBound { inner: Box::pin(body), pending: 0, newline: false }.eventsource()),
+        events: Box::pin(EventBound::new(Box::pin(body)).eventsource()),
         translator,
         state: State::Open,
     })
+}
+
+/// The SSE events of a body, split exactly as [`from_body`] splits them,
+/// with no translator: for fuzzing the splitting alone.
+pub(crate) fn events<S>(body: S) -> impl Stream<Item = Result<Event, ProviderError>> + Send
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    use futures_util::StreamExt;
+    EventBound::new(body).eventsource().map(|e| e.map_err(stream_error))
 }
 
 type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<BodyError>>> + Send>>;
@@ -114,6 +124,7 @@ fn stream_error(e: EventStreamError<BodyError>) -> ProviderError {
         EventStreamError::Transport(BodyError::TooLarge) => {
             ProviderError::Protocol(format!("an SSE event over {MAX_EVENT} bytes"))
         }
+        EventStreamError::Transport(BodyError::Utf8) => ProviderError::Protocol("invalid UTF-8".into()),
         EventStreamError::Utf8(e) => ProviderError::Protocol(format!("invalid UTF-8: {e}")),
         EventStreamError::Parser(e) => ProviderError::Protocol(format!("invalid SSE: {e}")),
     }
@@ -134,10 +145,20 @@ pub(crate) fn json<'a, D: serde::Deserialize<'a>>(data: &'a str) -> Result<D, Pr
 /// blank line, so an upstream that never sends one must be cut off.
 const MAX_EVENT: usize = 1 << 20;
 
+/// Largest piece of body handed to eventsource-stream at once. It copies
+/// what is left of its buffer after every line it parses, so the cost of a
+/// piece grows with its size times its lines: a 400 KiB chunk of short
+/// lines (hyper's reads grow that large) took seconds of a runtime thread.
+const MAX_PIECE: usize = 8 << 10;
+
+/// The UTF-8 byte order mark an SSE body may start with.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 #[derive(Debug)]
 pub(crate) enum BodyError {
     Transport(reqwest::Error),
     TooLarge,
+    Utf8,
 }
 
 impl std::fmt::Display for BodyError {
@@ -145,16 +166,85 @@ impl std::fmt::Display for BodyError {
         match self {
             BodyError::Transport(e) => e.fmt(f),
             BodyError::TooLarge => write!(f, "event over {MAX_EVENT} bytes"),
+            BodyError::Utf8 => f.write_str("invalid UTF-8"),
         }
     }
 }
 
-/// Counts the bytes of the event being received (since the last blank
-/// line) and fails the body once one passes [`MAX_EVENT`].
+/// Guards eventsource-stream from what it mishandles, in front of it:
+/// - counts the bytes of the event being received (since the last blank
+///   line) and fails the body once one passes [`MAX_EVENT`];
+/// - strips leading byte order marks, which it would slice at a byte that
+///   is not a char boundary (a panic, found by fuzzing);
+/// - checks UTF-8 as the bytes arrive: it keeps every byte after an invalid
+///   one in a buffer that grows, unread, to the end of the body;
+/// - hands it the body in pieces of at most [`MAX_PIECE`] bytes.
 struct EventBound<S> {
     inner: S,
     pending: usize,
     newline: bool,
+    /// While the body has only sent (part of) byte order marks: how many
+    /// bytes of the current one. None once anything else came.
+    start: Option<usize>,
+    utf8: Utf8Check,
+    /// What is left of a chunk cut into pieces.
+    rest: Option<bytes::Bytes>,
+    /// The body turned out not to be UTF-8: the error is due (Some(false))
+    /// or was given (Some(true)).
+    invalid: Option<bool>,
+}
+
+impl<S> EventBound<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            pending: 0,
+            newline: false,
+            start: Some(0),
+            utf8: Utf8Check::default(),
+            rest: None,
+            invalid: None,
+        }
+    }
+
+    /// The chunk without leading byte order marks; None when nothing is left.
+    fn strip_bom(&mut self, chunk: bytes::Bytes) -> Option<bytes::Bytes> {
+        let mut held = self.start?;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == BOM[held] {
+                held = (held + 1) % BOM.len();
+                continue;
+            }
+            self.start = None;
+            let rest = chunk.slice(i..);
+            // Bytes that looked like the start of a mark belong to the body.
+            return Some(if held == 0 { rest } else { [&BOM[..held], &rest[..]].concat().into() });
+        }
+        self.start = Some(held);
+        None
+    }
+}
+
+impl<S> EventBound<S>
+where
+    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Unpin,
+{
+    /// The next chunk of the body, past any leading byte order marks.
+    fn next_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<bytes::Bytes, BodyError>>> {
+        loop {
+            let chunk = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Transport(e)))),
+                None => return Poll::Ready(None),
+            };
+            if self.start.is_none() {
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+            if let Some(chunk) = self.strip_bom(chunk) {
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+        }
+    }
 }
 
 impl<S> Stream for EventBound<S>
@@ -164,10 +254,38 @@ where
     type Item = Result<bytes::Bytes, BodyError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let chunk = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-            Some(Ok(chunk)) => chunk,
-            Some(Err(e)) => return Poll::Ready(Some(Err(BodyError::Transport(e)))),
-            None => return Poll::Ready(None),
+        match self.invalid {
+            Some(false) => {
+                self.invalid = Some(true);
+                return Poll::Ready(Some(Err(BodyError::Utf8)));
+            }
+            Some(true) => return Poll::Ready(None),
+            None => {}
+        }
+        let chunk = match self.rest.take() {
+            Some(rest) => rest,
+            None => match ready!(self.next_chunk(cx)) {
+                Some(Ok(chunk)) => chunk,
+                other => return Poll::Ready(other),
+            },
+        };
+        let chunk = if chunk.len() > MAX_PIECE {
+            self.rest = Some(chunk.slice(MAX_PIECE..));
+            chunk.slice(..MAX_PIECE)
+        } else {
+            chunk
+        };
+        // The events before an invalid byte are passed on, as the parser
+        // would have; the error comes next.
+        let chunk = match self.utf8.check(&chunk) {
+            Ok(()) => chunk,
+            Err(valid) => {
+                self.invalid = Some(false);
+                if valid == 0 {
+                    return self.poll_next(cx);
+                }
+                chunk.slice(..valid)
+            }
         };
         let (mut pending, mut newline) = (self.pending, self.newline);
         for &b in chunk.iter() {
@@ -190,6 +308,52 @@ where
     }
 }
 
+/// UTF-8 validation across chunks: the bytes of a character that a chunk
+/// boundary cut (at most 3) wait for the next chunk.
+#[derive(Default)]
+struct Utf8Check {
+    carry: [u8; 4],
+    carried: usize,
+}
+
+impl Utf8Check {
+    /// Err once the body is not UTF-8, with the length of the chunk's valid
+    /// start.
+    fn check(&mut self, chunk: &[u8]) -> Result<(), usize> {
+        let mut rest = chunk;
+        while self.carried > 0 {
+            match std::str::from_utf8(&self.carry[..self.carried]) {
+                Ok(_) => self.carried = 0,
+                Err(e) if e.error_len().is_some() => return Err(0),
+                Err(_) => {
+                    let Some((&b, tail)) = rest.split_first() else { return Ok(()) };
+                    let Some(slot) = self.carry.get_mut(self.carried) else { return Err(0) };
+                    *slot = b;
+                    self.carried += 1;
+                    rest = tail;
+                }
+            }
+        }
+        let checked = chunk.len() - rest.len();
+        match std::str::from_utf8(rest) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(checked + e.valid_up_to()),
+            Err(e) => {
+                // The end of the chunk cut a character: keep its bytes.
+                let tail = &rest[e.valid_up_to()..];
+                match self.carry.get_mut(..tail.len()) {
+                    Some(slot) => {
+                        slot.copy_from_slice(tail);
+                        self.carried = tail.len();
+                        Ok(())
+                    }
+                    None => Err(checked + e.valid_up_to()),
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use futures_util::StreamExt;
@@ -204,11 +368,73 @@ mod tests {
             Ok(bytes::Bytes::from(vec![b'\n'])),
             Ok(bytes::Bytes::from(vec![b'x'; MAX_EVENT / 2 + 2])),
         ];
-        let mut s = EventBound { inner: futures_util::stream::iter(chunks), pending: 0, newline: false };
-        for _ in 0..3 {
-            assert!(s.next().await.unwrap().is_ok());
-        }
+        let mut s = EventBound::new(futures_util::stream::iter(chunks));
+        let mut passed = 0;
+        let error = loop {
+            match s.next().await {
+                Some(Ok(piece)) => passed += piece.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended with no error"),
+            }
+        };
         // One newline alone does not end an event: the two halves add up.
-        assert!(matches!(s.next().await, Some(Err(BodyError::TooLarge))));
+        assert!(matches!(error, BodyError::TooLarge), "{error}");
+        assert!(passed > MAX_EVENT / 2 + 12, "cut off after {passed} bytes");
+    }
+
+    fn events(chunks: &[&[u8]]) -> Vec<Result<String, String>> {
+        let chunks = chunks.iter().map(|c| bytes::Bytes::copy_from_slice(c)).collect();
+        super::super::fuzzing::sse_events(chunks)
+            .into_iter()
+            .map(|e| e.map(|e| e.data).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    // Found by fuzzing: eventsource-stream sliced `&s[1..]` past a leading
+    // U+FEFF, which is 3 bytes in UTF-8: a panic in the stream's poll.
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped_not_a_panic() {
+        let ok = |d: &str| Ok::<_, String>(d.to_owned());
+        assert_eq!(events(&[b"\xEF\xBB\xBFdata: a\n\n"]), [ok("a")]);
+        assert_eq!(events(&[b"\xEF", b"\xBB", b"\xBFdata: a\n\n"]), [ok("a")]);
+        assert_eq!(events(&[b"\xEF\xBB\xBF\xEF\xBB", b"\xBFdata: b\n\n"]), [ok("b")]);
+        // Bytes that only began like a mark are the body's.
+        assert_eq!(events(&[b"\xEF\xBB", b"\x80: c\ndata: d\n\n"]), [ok("d")]);
+        assert_eq!(events(&[b"\xEF\xBB"]), []);
+    }
+
+    // eventsource-stream kept every byte after an invalid one, unparsed, to
+    // the end of the body: an answer that never came, in a growing buffer.
+    #[test]
+    fn invalid_utf8_ends_the_body_at_once() {
+        let got = events(&[b"data: a\n\n", b"data: \xFF\n\n", b"data: b\n\n"]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0], Ok("a".to_owned()));
+        assert!(got[1].as_ref().is_err_and(|e| e.contains("invalid UTF-8")), "{got:?}");
+        // What came before the invalid byte in its chunk is still read.
+        let got = events(&[b"data: a\n\ndata: \xFF\n\ndata: b\n\n"]);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0], Ok("a".to_owned()));
+        // A character cut by chunk boundaries is whole again.
+        let got = events(&[b"data: \xE2", b"\x82", b"\xAC \xF0\x9F", b"\x98\x80\n\n"]);
+        assert_eq!(got, [Ok("\u{20ac} \u{1f600}".to_owned())]);
+        // An overlong or truncated sequence is caught across the boundary too.
+        let got = events(&[b"data: \xE2\x82", b"x\n\n"]);
+        assert!(got.iter().any(Result::is_err), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_large_chunk_reaches_the_parser_in_pieces() {
+        let body = b"data: a\n\n".repeat(MAX_PIECE / 4);
+        let chunks: Vec<Result<bytes::Bytes, reqwest::Error>> = vec![Ok(body.clone().into())];
+        let pieces: Vec<_> = EventBound::new(futures_util::stream::iter(chunks)).collect().await;
+        assert!(pieces.len() > 1, "{} pieces", pieces.len());
+        let mut joined = Vec::new();
+        for piece in pieces {
+            let piece = piece.unwrap();
+            assert!(piece.len() <= MAX_PIECE, "a piece of {} bytes", piece.len());
+            joined.extend_from_slice(&piece);
+        }
+        assert_eq!(joined, body);
     }
 }

@@ -140,3 +140,45 @@ async fn default_timeout_applies_without_grpc_timeout() {
     assert_eq!(code, DEADLINE_EXCEEDED, "grpc-status {code} ({message})");
     assert_aborted_at(&up, started + Duration::from_millis(300)).await;
 }
+
+/// A raw call carrying `headers` to a gateway whose `server` section is
+/// `server`: DEADLINE_EXCEEDED, and the upstream aborted, at `expected`.
+async fn capped_deadline(server: &str, headers: &[(&str, &str)], expected: Duration) {
+    let up = Upstream::start(slow_reply()).await;
+    let gw = Gateway::start(&format!("server:\n{server}{}", config(&up.base_url()))).await;
+    let mut raw = RawH2::connect(gw.grpc, false).await;
+    let started = Instant::now();
+    let mut response =
+        raw.call("/llmgateway.v1.LlmGateway/StreamCompletion", headers, &stream_request("chat", "hi")).await;
+    while within(WAIT, "a message or the end", response.message::<pb::StreamCompletionResponse>())
+        .await
+        .is_some()
+    {}
+    let (code, message, _) = within(WAIT, "the status", response.status()).await;
+    let elapsed = started.elapsed();
+    assert_eq!(code, DEADLINE_EXCEEDED, "grpc-status {code} ({message})");
+    assert!(elapsed >= expected - Duration::from_millis(50), "ended after {elapsed:?}, before {expected:?}");
+    assert_aborted_at(&up, started + expected).await;
+}
+
+#[tokio::test]
+async fn max_timeout_cuts_a_callers_longer_grpc_timeout() {
+    // The caller asks for 99,999,999 hours; the gateway gives it 300 ms (not
+    // the shorter default, which is for callers that ask for nothing).
+    capped_deadline(
+        "  default_timeout: 100ms\n  max_timeout: 300ms\n",
+        &[("grpc-timeout", "99999999H")],
+        Duration::from_millis(300),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn max_timeout_bounds_a_call_without_any_other_deadline() {
+    capped_deadline("  default_timeout: 0s\n  max_timeout: 300ms\n", &[], Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_shorter_grpc_timeout_still_wins_under_max_timeout() {
+    capped_deadline("  max_timeout: 1h\n", &[("grpc-timeout", "250m")], Duration::from_millis(250)).await;
+}

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// An OTLP trace collector: keeps every span it is sent.
-struct Collector {
+pub(crate) struct Collector {
     addr: SocketAddr,
     spans: watch::Receiver<Vec<Span>>,
     server: JoinHandle<()>,
@@ -56,7 +56,7 @@ impl TraceService for Sink {
 }
 
 impl Collector {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the collector");
         let addr = listener.local_addr().expect("collector address");
         let (tx, spans) = watch::channel(Vec::new());
@@ -70,8 +70,13 @@ impl Collector {
         Self { addr, spans, server }
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Every span received so far.
+    pub(crate) fn all(&self) -> Vec<Span> {
+        self.spans.borrow().clone()
     }
 
     /// Waits until a span matching `pred` has arrived.
