@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod listener;
 pub mod providers;
 pub mod reload;
 pub mod routing;

@@ -2,10 +2,11 @@
 //! them, with TCP_NODELAY and bounded streams per connection. We drive hyper
 //! directly rather than tonic's `Server` so that deadlines are ours to
 //! enforce (tonic's own `grpc-timeout` handling answers CANCELLED where the
-//! contract wants DEADLINE_EXCEEDED) and so that draining and connection
-//! ageing are explicit. The HTTP front door: HTTP/1.1 (keep-alive) and h2c
-//! (or, over TLS, either by ALPN) on one port, with a handshake timeout; it
-//! drains and ages its connections the same way.
+//! contract wants DEADLINE_EXCEEDED) and so that draining, connection
+//! ageing and the connection limits (`listener`) are explicit. The HTTP
+//! front door: HTTP/1.1 (keep-alive) and h2c (or, over TLS, either by ALPN)
+//! on one port, with the same limits; it drains and ages its connections
+//! the same way.
 
 use std::{fmt::Display, sync::Arc, time::Duration};
 
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::ServerConfig,
+    listener::{Admitted, Expiry, Gate},
     tls::{Stream, TlsAcceptor},
 };
 
@@ -29,13 +31,27 @@ const STREAM_WINDOW: u32 = 1 << 20;
 /// Serves `routes` on `listener` (over TLS with `tls`) until `draining`
 /// fires; then closes the listener (new connections are refused) and
 /// returns the handle that finishes the open connections gracefully.
-pub async fn serve(
+/// `gate` admits the connections (`server.max_connections`, handshake and
+/// idle timeouts).
+pub async fn serve<S>(
     listener: TcpListener,
-    routes: tonic::service::Routes,
+    routes: S,
     config: &ServerConfig,
+    gate: Gate,
     tls: Option<TlsAcceptor>,
     draining: CancellationToken,
-) -> Drain {
+) -> Drain
+where
+    S: tonic::codegen::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + Unpin + 'static,
+{
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -72,6 +88,11 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(admitted) = gate.admit() else {
+            // Refused: closed at once, and counted by the gate.
+            drop(stream);
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
@@ -81,7 +102,7 @@ pub async fn serve(
             // never holds up the accept loop.
             let stream = match tls {
                 None => Stream::Plain(stream),
-                Some(tls) => match tls.accept(stream).await {
+                Some(tls) => match tls.accept(stream, admitted.handshake_deadline()).await {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
@@ -89,7 +110,8 @@ pub async fn serve(
                     }
                 },
             };
-            drive(http2.serve_connection(TokioIo::new(stream), service), goaway, max_age).await;
+            let conn = http2.serve_connection(TokioIo::new(stream), admitted.track(service));
+            drive(conn, admitted, goaway, max_age).await;
         });
         // Reap finished connections so the set does not grow with them.
         while connection_set.try_join_next().is_some() {}
@@ -99,14 +121,15 @@ pub async fn serve(
 }
 
 /// Serves the HTTP front door's `app` on `listener` (over TLS with `tls`)
-/// until `draining` fires, as [`serve`] does for gRPC. A connection whose
-/// TLS handshake and first request have not arrived within
-/// `server.handshake_timeout` is closed; on HTTP/1.1 so is one whose next
-/// request's headers take longer (an idle keep-alive one too).
+/// until `draining` fires, as [`serve`] does for gRPC, with `gate`'s
+/// limits. On HTTP/1.1 a connection whose next request's headers take
+/// longer than `server.handshake_timeout` is closed too (an idle keep-alive
+/// one included).
 pub async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     config: &ServerConfig,
+    gate: Gate,
     tls: Option<TlsAcceptor>,
     draining: CancellationToken,
 ) -> Drain {
@@ -119,7 +142,6 @@ pub async fn serve_http(
             .keep_alive_interval(config.http2_keepalive_interval)
             .keep_alive_timeout(Duration::from_secs(20));
     }
-    let handshake = config.handshake_timeout;
     let max_age = MaxAge::from_config(config);
     let tls = tls.map(Arc::new);
     let service = TowerToHyperService::new(app);
@@ -139,52 +161,24 @@ pub async fn serve_http(
                 continue;
             }
         };
+        let Some(admitted) = gate.admit() else { continue };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
         let (builder, service, goaway, tls) = (builder.clone(), service.clone(), goaway.clone(), tls.clone());
         connection_set.spawn(async move {
-            let deadline = tokio::time::Instant::now() + handshake;
             let stream = match tls {
                 None => Stream::Plain(stream),
-                Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
+                Some(tls) => match tls.accept(stream, admitted.handshake_deadline()).await {
+                    Ok(s) => s,
+                    Err(e) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
-                    Err(_) => return,
                 },
             };
-            // Set by the connection's first request: until then the
-            // handshake timer runs (hyper has none before it knows the
-            // HTTP version).
-            let first = CancellationToken::new();
-            let service = {
-                let first = first.clone();
-                hyper::service::service_fn(move |request| {
-                    first.cancel();
-                    hyper::service::Service::call(&service, request)
-                })
-            };
-            let conn = drive(builder.serve_connection(TokioIo::new(stream), service), goaway, max_age);
-            tokio::pin!(conn);
-            let expired = async {
-                tokio::select! {
-                    _ = first.cancelled() => false,
-                    _ = tokio::time::sleep_until(deadline) => true,
-                }
-            };
-            tokio::select! {
-                () = &mut conn => {}
-                expired = expired => {
-                    if expired {
-                        tracing::debug!("no request within the handshake timeout: connection closed");
-                    } else {
-                        conn.await;
-                    }
-                }
-            }
+            let conn = builder.serve_connection(TokioIo::new(stream), admitted.track(service));
+            drive(conn, admitted, goaway, max_age).await;
         });
         while connection_set.try_join_next().is_some() {}
     }
@@ -216,12 +210,25 @@ impl MaxAge {
     }
 }
 
-/// Runs one connection to its end. When `goaway` fires (the listener drains)
-/// or the connection reaches its max age, it is sent a graceful GOAWAY: no
-/// new calls, the calls in flight finish. An aged connection is closed once
-/// its grace is over; a draining one is left to [`Drain::finish`]. Any
-/// listener can drive its connections with this (HTTP/1 ones included).
-pub async fn drive<C>(conn: C, goaway: CancellationToken, max_age: Option<MaxAge>)
+/// How one connection came to be told GOAWAY.
+enum Ending {
+    /// The listener drains: [`Drain::finish`] bounds the rest.
+    Draining,
+    /// Its max age: closed once the grace is over.
+    Aged(Duration),
+    /// Idle: nothing in flight, so it should close at once.
+    Idle,
+}
+
+/// Runs one connection to its end. When `goaway` fires (the listener drains),
+/// the connection reaches its max age or it has been idle for
+/// `server.idle_timeout`, it is sent a graceful GOAWAY: no new calls, the
+/// calls in flight finish. An aged connection is closed once its grace is
+/// over; a draining one is left to [`Drain::finish`]. One that has sent no
+/// request by `server.handshake_timeout` is closed. `admitted` counts the
+/// connection open until this returns. Any listener can drive its
+/// connections with this (HTTP/1 ones included).
+pub async fn drive<C>(conn: C, admitted: Admitted, goaway: CancellationToken, max_age: Option<MaxAge>)
 where
     C: GracefulConnection,
     C::Error: Display,
@@ -233,21 +240,46 @@ where
             None => std::future::pending().await,
         }
     };
-    let grace = tokio::select! {
+    let ending = tokio::select! {
         r = conn.as_mut() => return log_end(r),
-        _ = goaway.cancelled() => None,
-        _ = aged => max_age.map(|m| m.grace),
+        _ = goaway.cancelled() => Ending::Draining,
+        _ = aged => Ending::Aged(max_age.map_or(Duration::ZERO, |m| m.grace)),
+        expiry = admitted.expired() => match expiry {
+            Expiry::Handshake => {
+                // Dropping the connection closes it.
+                tracing::debug!("closing a connection with no request within server.handshake_timeout");
+                return;
+            }
+            Expiry::Idle => Ending::Idle,
+        },
     };
     conn.as_mut().graceful_shutdown();
-    match grace {
-        None => log_end(conn.await),
-        Some(grace) => match tokio::time::timeout(grace, conn.as_mut()).await {
+    match ending {
+        Ending::Draining => log_end(conn.await),
+        Ending::Aged(grace) => match tokio::time::timeout(grace, conn.as_mut()).await {
             Ok(r) => log_end(r),
             // Dropping the connection closes it and cancels its calls.
             Err(_) => {
                 tracing::debug!(grace_s = grace.as_secs_f64(), "closing a connection past its max age grace")
             }
         },
+        Ending::Idle => {
+            // A client that does not read (so the GOAWAY cannot be flushed)
+            // or does not close gets as long to go as it had to arrive;
+            // a call that slipped in before the GOAWAY runs to its end
+            // (its deadline is watched).
+            let wait = admitted.limits().handshake_timeout;
+            loop {
+                match tokio::time::timeout(wait, conn.as_mut()).await {
+                    Ok(r) => return log_end(r),
+                    Err(_) if admitted.in_flight() == 0 => {
+                        tracing::debug!("closing an idle connection that did not close after GOAWAY");
+                        return;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
     }
 }
 

@@ -69,6 +69,22 @@ pub fn to_status(error: &CallError) -> Status {
     Status::with_error_details_and_metadata(code(error), error.message(), details, metadata)
 }
 
+/// A request message over `server.max_request_bytes`, refused before it
+/// was read whole: RESOURCE_EXHAUSTED naming the limit, with ErrorInfo
+/// (`INVALID_REQUEST`, the limit in its metadata) and BadRequest (field
+/// `request`).
+pub fn request_too_large(limit: usize) -> Status {
+    let message = format!("the request message is larger than server.max_request_bytes ({limit} bytes)");
+    let mut details = ErrorDetails::new();
+    let info = HashMap::from([
+        ("limit".to_owned(), "server.max_request_bytes".to_owned()),
+        ("limit_bytes".to_owned(), limit.to_string()),
+    ]);
+    details.set_error_info(Reason::InvalidRequest.as_str(), ERROR_DOMAIN, info);
+    details.add_bad_request_violation("request", message.as_str());
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
 /// The status for `error`, recorded on the call, with the call's headers.
 pub fn call_status(call: &mut Call, error: CallError) -> Status {
     let mut status = to_status(&error);

@@ -5,11 +5,13 @@
 
 mod convert;
 mod error;
+mod limit;
 mod metadata;
 mod service;
 mod stream;
 
-pub use error::{GRPC, code, to_status};
+pub use error::{GRPC, code, request_too_large, to_status};
+pub use limit::RequestLimit;
 pub use service::GatewayService;
 
 /// The generated types and stubs of `proto/llmgateway/v1/gateway.proto`.
