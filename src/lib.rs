@@ -16,3 +16,4 @@ pub mod routing;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod watchdog;

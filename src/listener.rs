@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::ServerConfig,
     telemetry::listener_metrics::{ListenerMetrics, ListenerSeries},
+    watchdog,
 };
 
 /// The limits of one listener, from `server`.
@@ -219,6 +220,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The response is over: a kept-alive HTTP/1.1 connection's next
+        // call is not held to this one's deadline.
+        watchdog::disarm();
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }

@@ -6,27 +6,59 @@
 //! ageing and the connection limits (`listener`) are explicit. The HTTP
 //! front door: HTTP/1.1 (keep-alive) and h2c (or, over TLS, either by ALPN)
 //! on one port, with the same limits; it drains and ages its connections
-//! the same way.
+//! the same way. Each HTTP/2 stream runs as a task of [`StreamExec`], under
+//! the call's deadline watchdog (`watchdog`), and so does each HTTP front
+//! door connection (HTTP/1.1 serves one call at a time on it), so that a
+//! caller that stops reading cannot hold a call past its deadline.
 
 use std::{fmt::Display, sync::Arc, time::Duration};
 
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulConnection},
     service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::ServerConfig,
     listener::{Admitted, Expiry, Gate},
     tls::{Stream, TlsAcceptor},
+    watchdog,
 };
 
 const CONNECTION_WINDOW: u32 = 8 << 20;
 const STREAM_WINDOW: u32 = 1 << 20;
+
+/// Runs hyper's HTTP/2 stream tasks: each under the watchdog of the call it
+/// serves, and tracked, so that the drain knows when the last has ended.
+#[derive(Clone)]
+pub struct StreamExec {
+    streams: TaskTracker,
+}
+
+impl StreamExec {
+    pub fn new() -> Self {
+        Self { streams: TaskTracker::new() }
+    }
+}
+
+impl Default for StreamExec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, task: F) {
+        self.streams.spawn(watchdog::guard(task));
+    }
+}
 
 /// Serves `routes` on `listener` (over TLS with `tls`) until `draining`
 /// fires; then closes the listener (new connections are refused) and
@@ -52,7 +84,8 @@ where
         + 'static,
     S::Future: Send + Unpin + 'static,
 {
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let exec = StreamExec::new();
+    let mut http2 = hyper::server::conn::http2::Builder::new(exec.clone());
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.max_concurrent_streams)
@@ -117,7 +150,7 @@ where
         while connection_set.try_join_next().is_some() {}
     }
     drop(listener);
-    Drain { goaway, conns: connection_set }
+    Drain { goaway, conns: connection_set, streams: exec.streams }
 }
 
 /// Serves the HTTP front door's `app` on `listener` (over TLS with `tls`)
@@ -133,7 +166,8 @@ pub async fn serve_http(
     tls: Option<TlsAcceptor>,
     draining: CancellationToken,
 ) -> Drain {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let exec = StreamExec::new();
+    let mut builder = auto::Builder::new(exec.clone());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(config.handshake_timeout);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(config.max_concurrent_streams);
     if !config.http2_keepalive_interval.is_zero() {
@@ -178,12 +212,15 @@ pub async fn serve_http(
                 },
             };
             let conn = builder.serve_connection(TokioIo::new(stream), admitted.track(service));
-            drive(conn, admitted, goaway, max_age).await;
+            // An HTTP/1.1 call runs on the connection's task: its deadline
+            // is watched here (an HTTP/2 one arms its stream's task instead,
+            // never this one).
+            watchdog::guard(drive(conn, admitted, goaway, max_age)).await;
         });
         while connection_set.try_join_next().is_some() {}
     }
     drop(listener);
-    Drain { goaway, conns: connection_set }
+    Drain { goaway, conns: connection_set, streams: exec.streams }
 }
 
 /// `server.max_connection_age` and its grace: a connection is sent GOAWAY at
@@ -289,10 +326,11 @@ fn log_end<E: Display>(result: Result<(), E>) {
     }
 }
 
-/// The connections still open when the listener closed.
+/// The connections still open when the listener closed, and their streams.
 pub struct Drain {
     goaway: CancellationToken,
     conns: JoinSet<()>,
+    streams: TaskTracker,
 }
 
 /// After the calls are cancelled, how long their connections get to send
@@ -302,18 +340,31 @@ const FLUSH_WAIT: Duration = Duration::from_secs(1);
 impl Drain {
     /// Sends GOAWAY on every connection (no new calls) and waits up to
     /// `grace` for the calls in flight. Past it, `cancel` runs (it ends the
-    /// gateway's own calls with a status); streams it does not own (a health
-    /// watch, say) are then cut by closing their connections.
+    /// gateway's own calls with a status) and, at the same time, the
+    /// connections still open [`FLUSH_WAIT`] later are closed: streams the
+    /// gateway does not own (a health watch) and responses nobody reads (a
+    /// caller that stopped reading, whose call cannot end by itself) are
+    /// reset with them, and their upstream requests dropped.
     pub async fn finish(mut self, grace: Duration, cancel: impl Future<Output = ()>) {
         self.goaway.cancel();
         if tokio::time::timeout(grace, join_all(&mut self.conns)).await.is_err() {
-            cancel.await;
-            if tokio::time::timeout(FLUSH_WAIT, join_all(&mut self.conns)).await.is_err() {
-                tracing::info!(connections = self.conns.len(), "closing connections still open");
-                self.conns.abort_all();
-            }
+            let close = async {
+                if tokio::time::timeout(FLUSH_WAIT, join_all(&mut self.conns)).await.is_err() {
+                    tracing::info!(connections = self.conns.len(), "closing connections still open");
+                    self.conns.abort_all();
+                }
+            };
+            tokio::join!(cancel, close);
         }
         join_all(&mut self.conns).await;
+        // A closed connection ends its streams' tasks; they go at once.
+        self.streams.close();
+        if tokio::time::timeout(FLUSH_WAIT, self.streams.wait()).await.is_err() {
+            tracing::warn!(
+                streams = self.streams.len(),
+                "stream tasks still running after their connections closed"
+            );
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub static GRPC: Door = Door {
     status_field: "rpc.grpc.status_code",
     ok: outcome(Code::Ok),
     cancelled: outcome(Code::Cancelled),
+    deadline: outcome(Code::DeadlineExceeded),
 };
 
 pub fn code(error: &CallError) -> Code {

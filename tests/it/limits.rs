@@ -1,5 +1,8 @@
 //! Connection limits (`server.handshake_timeout`, `idle_timeout`,
-//! `max_connections`, `max_request_bytes`) on the gRPC and admin listeners.
+//! `max_connections`, `max_request_bytes`) on the gRPC and admin listeners,
+//! and slow readers: a caller that stops reading still has its deadline and
+//! the drain's hard stop enforced, seen from the upstream, whose connection
+//! closes.
 
 use std::{
     net::SocketAddr,
@@ -7,16 +10,22 @@ use std::{
 };
 
 use llm_gateway::api::pb;
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::{
     harness::{
-        CLOSE_BOUND, Gateway, RawH2, WAIT, completion_request, config, eventually, get_status, stream_call,
-        stream_request, within,
+        CLOSE_BOUND, Gateway, RawH2, RawResponse, WAIT, completion_request, config, eventually, get_status,
+        stream_call, stream_request, within,
     },
+    http,
     metrics::{sample, scrape},
+    upstream::{Reply, Step, Upstream},
+    wire::openai,
 };
 
 const STREAM: &str = "/llmgateway.v1.LlmGateway/StreamCompletion";
@@ -191,4 +200,103 @@ async fn the_admin_listener_has_the_same_limits() {
     let text = scrape(&gw).await;
     let refused = sample(&text, "llm_gateway_connections_refused_total{listener=\"admin\"} ");
     assert_eq!(refused, Some(1.0), "{text}");
+}
+
+/// An upstream that streams 100 deltas of 500 bytes at once, then hangs:
+/// only the gateway closing the connection ends it.
+fn flood_then_hang() -> Reply {
+    let mut steps = vec![Step::send(openai::role("c", "gpt"))];
+    let chunk = "y".repeat(500);
+    steps.extend((0..100).map(|_| Step::send(openai::content("c", "gpt", &chunk))));
+    steps.push(Step::Hang);
+    Reply::sse(steps)
+}
+
+/// Starts a stream for a caller with a 1 KiB window that never reads it.
+async fn stalled_call(gw: &Gateway, headers: &[(&str, &str)]) -> (RawH2, RawResponse) {
+    let mut raw = RawH2::with_window(gw.grpc, 1024).await;
+    let response = raw.call(STREAM, headers, &stream_request("chat", "hi")).await;
+    (raw, response)
+}
+
+#[tokio::test]
+async fn a_caller_that_stops_reading_has_its_upstream_closed_at_the_deadline() {
+    let up = Upstream::start(flood_then_hang()).await;
+    let gw = Gateway::with_upstream(&up.base_url()).await;
+    let started = Instant::now();
+    let (mut raw, _unread) = stalled_call(&gw, &[("grpc-timeout", "700m")]).await;
+    let closed = within(WAIT, "the upstream to see its connection close", up.closed()).await;
+    let at = closed.saturating_duration_since(started);
+    assert!(at >= Duration::from_millis(650), "not before the deadline: {at:?}");
+    assert!(at < Duration::from_millis(700) + CLOSE_BOUND, "at the deadline: {at:?}");
+    // Only that stream was reset: the connection serves the next call.
+    let response = raw.call(STREAM, &[], &stream_request("lorem", "hi")).await;
+    let (code, message, _) = within(WAIT, "the next call's status", response.status()).await;
+    assert_eq!(code, 0, "{message}");
+    // Recorded as past its deadline, not as a caller who went away.
+    let series = r#"llm_gateway_calls_total{front_door="grpc",method="StreamCompletion",model="chat",provider="oa",code="DEADLINE_EXCEEDED"} "#;
+    eventually(WAIT, "the call's record", async || sample(&scrape(&gw).await, series) == Some(1.0)).await;
+}
+
+#[tokio::test]
+async fn a_caller_that_stops_reading_is_cut_at_the_drains_hard_stop() {
+    let up = Upstream::start(flood_then_hang()).await;
+    let mut gw = Gateway::start(&with_server("  shutdown_grace: 300ms\n", &up.base_url())).await;
+    let (_raw, _unread) = stalled_call(&gw, &[]).await;
+    within(WAIT, "the upstream request", up.request(0)).await;
+    gw.trigger_shutdown();
+    let asked = Instant::now();
+    let closed = within(WAIT, "the upstream to see its connection close", up.closed()).await;
+    let at = closed.saturating_duration_since(asked);
+    // The grace, then a second for the cancelled calls' statuses to leave.
+    assert!(at >= Duration::from_millis(280), "not before the grace is over: {at:?}");
+    assert!(at < Duration::from_millis(1300) + CLOSE_BOUND, "at the hard stop: {at:?}");
+    within(WAIT, "the gateway to stop", gw.stopped()).await.expect("a clean stop");
+}
+
+/// An upstream that streams about 4 MB at once, then hangs: more than the
+/// loopback socket buffers between gateway and caller hold.
+fn megabytes_then_hang() -> Reply {
+    const N: usize = 40;
+    let mut steps = vec![Step::send(openai::role("c", "gpt"))];
+    let chunk = "z".repeat(100_000);
+    steps.extend((0..N).map(|_| Step::send(openai::content("c", "gpt", &chunk))));
+    steps.push(Step::Hang);
+    Reply::sse(steps)
+}
+
+#[tokio::test]
+async fn an_http1_caller_that_stops_reading_has_its_upstream_closed_at_the_deadline() {
+    let up = Upstream::start(megabytes_then_hang()).await;
+    let yaml =
+        format!("http_listen: 127.0.0.1:0\n{}", with_server("  default_timeout: 700ms\n", &up.base_url()));
+    let gw = Gateway::start(&yaml).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut tcp = within(WAIT, "TCP connect", socket.connect(gw.http_addr())).await.expect("connect");
+    let started = Instant::now();
+    tcp.write_all(&http::raw_request(&http::chat_body("chat", true), true)).await.expect("write");
+    // Reads nothing.
+    let closed = within(WAIT, "the upstream to see its connection close", up.closed()).await;
+    let at = closed.saturating_duration_since(started);
+    assert!(at >= Duration::from_millis(650), "not before the deadline: {at:?}");
+    assert!(at < Duration::from_millis(700) + CLOSE_BOUND, "at the deadline: {at:?}");
+}
+
+#[tokio::test]
+async fn a_kept_alive_http1_connection_outlives_its_last_calls_deadline() {
+    let yaml = format!(
+        "http_listen: 127.0.0.1:0\n{}",
+        with_server("  default_timeout: 300ms\n", "http://127.0.0.1:9/v1")
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut tcp = silent(gw.http_addr()).await;
+    for i in 0..2 {
+        tcp.write_all(&http::raw_request(&http::chat_body("lorem", true), true)).await.expect("write");
+        let got = http::read_until(&mut tcp, "data: [DONE]").await;
+        assert!(got.starts_with("HTTP/1.1 200"), "request {i}: {got}");
+        // Past the deadline of the call just answered: a window to observe
+        // an absence in, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
