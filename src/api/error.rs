@@ -21,6 +21,10 @@ pub static GRPC: Door = Door {
 };
 
 pub fn code(error: &CallError) -> Code {
+    // CONTRACT.md section 10: a request over `server.max_request_bytes`.
+    if let CallError::RequestTooLarge { .. } = error {
+        return Code::ResourceExhausted;
+    }
     match error.reason() {
         Reason::InvalidRequest | Reason::UpstreamRejected => Code::InvalidArgument,
         Reason::ModelNotFound => Code::NotFound,
@@ -54,7 +58,11 @@ pub fn to_status(error: &CallError) -> Status {
         info.insert("model".to_owned(), model.to_owned());
     }
     details.set_error_info(error.reason().as_str(), ERROR_DOMAIN, info);
-    if let Some(field) = error.field() {
+    let field = match error {
+        CallError::RequestTooLarge { .. } => Some("request"),
+        _ => error.field(),
+    };
+    if let Some(field) = field {
         details.add_bad_request_violation(field, error.message());
     }
     if let Some((subject, description)) = error.quota() {
@@ -72,18 +80,9 @@ pub fn to_status(error: &CallError) -> Status {
 
 /// A request message over `server.max_request_bytes`, refused before it
 /// was read whole: RESOURCE_EXHAUSTED naming the limit, with ErrorInfo
-/// (`INVALID_REQUEST`, the limit in its metadata) and BadRequest (field
-/// `request`).
+/// `INVALID_REQUEST` and BadRequest field `request`.
 pub fn request_too_large(limit: usize) -> Status {
-    let message = format!("the request message is larger than server.max_request_bytes ({limit} bytes)");
-    let mut details = ErrorDetails::new();
-    let info = HashMap::from([
-        ("limit".to_owned(), "server.max_request_bytes".to_owned()),
-        ("limit_bytes".to_owned(), limit.to_string()),
-    ]);
-    details.set_error_info(Reason::InvalidRequest.as_str(), ERROR_DOMAIN, info);
-    details.add_bad_request_violation("request", message.as_str());
-    Status::with_error_details(Code::ResourceExhausted, message, details)
+    to_status(&CallError::RequestTooLarge { limit })
 }
 
 /// The status for `error`, recorded on the call, with the call's headers.
