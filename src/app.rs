@@ -1,9 +1,12 @@
 //! The composition root. A call crosses these layers, in order:
 //!
 //! 1. `server` — TCP accept, HTTP/2 (TCP_NODELAY, stream limits), draining;
-//!    for `http_listen`, HTTP/1.1 and h2c with a handshake timeout.
+//!    for `http_listen`, HTTP/1.1 and h2c. Every listener has `listener`'s
+//!    connection limits (max connections, handshake and idle timeouts).
 //! 2. tonic routes — `grpc.health.v1.Health`, reflection v1 and v1alpha, and
-//!    `llmgateway.v1.LlmGateway`; axum routes for the HTTP front door.
+//!    `llmgateway.v1.LlmGateway`, each refusing a message over
+//!    `server.max_request_bytes` (`api::RequestLimit` names the limit);
+//!    axum routes for the HTTP front door.
 //! 3. The front doors. `api` (gRPC): proto to chat types and back, metadata
 //!    to plain values, the call core's errors to gRPC statuses. `http`
 //!    (OpenAI-compatible): the same for OpenAI's JSON, headers and errors,
@@ -37,10 +40,11 @@ use tonic_health::ServingStatus;
 use crate::{
     admin::{self, AdminState},
     admission::Admission,
-    api::{GatewayService, pb},
+    api::{GatewayService, RequestLimit, pb},
     config::Config,
     core::{Core, KeyError, Keys, Live},
     http,
+    listener::{Gate, Limits},
     providers::ProviderError,
     reload,
     routing::Router,
@@ -60,8 +64,6 @@ pub enum AppError {
     Provider(String, ProviderError),
     #[error("reflection: {0}")]
     Reflection(String),
-    #[error("admin listener: {0}")]
-    Admin(std::io::Error),
     #[error("server.tls: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("admission: {0}")]
@@ -166,6 +168,8 @@ pub async fn run_with(
         calls: calls.clone(),
     });
 
+    // Every service refuses a message over the limit before reading it.
+    let max_request = config.server.max_request_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -173,16 +177,23 @@ pub async fn run_with(
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
-        .map_err(|e| AppError::Reflection(e.to_string()))?;
+        .map_err(|e| AppError::Reflection(e.to_string()))?
+        .max_decoding_message_size(max_request);
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
-        .map_err(|e| AppError::Reflection(e.to_string()))?;
-    let routes = tonic::service::Routes::new(health_service)
+        .map_err(|e| AppError::Reflection(e.to_string()))?
+        .max_decoding_message_size(max_request);
+    let gateway = pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(core.clone()))
+        .max_decoding_message_size(max_request);
+    let routes = tonic::service::Routes::new(health_service.max_decoding_message_size(max_request))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::llm_gateway_server::LlmGatewayServer::new(GatewayService(core.clone())));
+        .add_service(gateway);
+    let routes = RequestLimit::new(routes, max_request);
     let http_app = http::router(core.clone(), &config.server);
 
+    // Each listener counts its own connections against the same limits.
+    let limits = Limits::from_config(&config.server);
     let admin_state = Arc::new(AdminState { ready: false.into(), metrics: metrics.clone() });
     let admin_stop = CancellationToken::new();
     let grpc_addr = listeners.grpc_addr();
@@ -190,7 +201,8 @@ pub async fn run_with(
     let http_addr = listeners.http_addr();
     let admin_run = {
         let stop = admin_stop.clone();
-        admin::serve(listeners.admin, admin_state.clone(), async move { stop.cancelled().await })
+        let gate = Gate::new("admin", limits, &metrics.listeners);
+        admin::serve(listeners.admin, admin_state.clone(), gate, async move { stop.cancelled().await })
     };
 
     let serving = async {
@@ -204,12 +216,14 @@ pub async fn run_with(
             "serving"
         );
         let acceptor = tls.as_ref().map(|t| t.acceptor(&[b"h2"]));
-        let grpc = server::serve(listeners.grpc, routes, &config.server, acceptor, draining.clone());
+        let gate = Gate::new("grpc", limits, &metrics.listeners);
+        let grpc = server::serve(listeners.grpc, routes, &config.server, gate, acceptor, draining.clone());
         let http = async {
             let l = listeners.http?;
             // The HTTP front door offers both versions over TLS (ALPN).
             let acceptor = tls.as_ref().map(|t| t.acceptor(&[b"h2", b"http/1.1"]));
-            Some(server::serve_http(l, http_app, &config.server, acceptor, draining.clone()).await)
+            let gate = Gate::new("http", limits, &metrics.listeners);
+            Some(server::serve_http(l, http_app, &config.server, gate, acceptor, draining.clone()).await)
         };
         tokio::join!(grpc, http)
     };
@@ -268,8 +282,7 @@ pub async fn run_with(
                 .await;
         }
     };
-    let (admin_result, (), (), ()) = tokio::join!(admin_run, calls_run, tls_watch, reload_watch);
-    admin_result.map_err(AppError::Admin)?;
+    tokio::join!(admin_run, calls_run, tls_watch, reload_watch);
     tracing::info!("stopped");
     Ok(())
 }

@@ -33,10 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::TlsConfig, telemetry::metrics::Metrics};
 
-/// A client that has not finished its TLS handshake by then is dropped, so
-/// that half-open handshakes cannot pile up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {message}")]
@@ -45,7 +41,7 @@ pub enum TlsError {
     Setup(#[from] rustls::Error),
     #[error("TLS handshake: {0}")]
     Handshake(io::Error),
-    #[error("TLS handshake not done within {}s", HANDSHAKE_TIMEOUT.as_secs())]
+    #[error("TLS handshake not done within server.handshake_timeout")]
     HandshakeTimeout,
 }
 
@@ -169,12 +165,13 @@ pub struct TlsAcceptor {
 }
 
 impl TlsAcceptor {
-    /// The handshake, bounded in time. A client the config refuses (no
-    /// client certificate under mTLS, one the CA did not sign, no common
-    /// protocol) fails here, before any HTTP is read.
-    pub async fn accept(&self, tcp: TcpStream) -> Result<Stream, TlsError> {
+    /// The handshake, done by `deadline` (the listener's handshake timeout)
+    /// or dropped, so that half-open handshakes cannot pile up. A client the
+    /// config refuses (no client certificate under mTLS, one the CA did not
+    /// sign, no common protocol) fails here, before any HTTP is read.
+    pub async fn accept(&self, tcp: TcpStream, deadline: tokio::time::Instant) -> Result<Stream, TlsError> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
             Ok(Err(e)) => Err(TlsError::Handshake(e)),
             Err(_) => Err(TlsError::HandshakeTimeout),

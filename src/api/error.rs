@@ -17,9 +17,14 @@ pub static GRPC: Door = Door {
     status_field: "rpc.grpc.status_code",
     ok: outcome(Code::Ok),
     cancelled: outcome(Code::Cancelled),
+    deadline: outcome(Code::DeadlineExceeded),
 };
 
 pub fn code(error: &CallError) -> Code {
+    // CONTRACT.md section 10: a request over `server.max_request_bytes`.
+    if let CallError::RequestTooLarge { .. } = error {
+        return Code::ResourceExhausted;
+    }
     match error.reason() {
         Reason::InvalidRequest | Reason::UpstreamRejected => Code::InvalidArgument,
         Reason::ModelNotFound => Code::NotFound,
@@ -53,7 +58,11 @@ pub fn to_status(error: &CallError) -> Status {
         info.insert("model".to_owned(), model.to_owned());
     }
     details.set_error_info(error.reason().as_str(), ERROR_DOMAIN, info);
-    if let Some(field) = error.field() {
+    let field = match error {
+        CallError::RequestTooLarge { .. } => Some("request"),
+        _ => error.field(),
+    };
+    if let Some(field) = field {
         details.add_bad_request_violation(field, error.message());
     }
     if let Some((subject, description)) = error.quota() {
@@ -67,6 +76,13 @@ pub fn to_status(error: &CallError) -> Status {
         }
     }
     Status::with_error_details_and_metadata(code(error), error.message(), details, metadata)
+}
+
+/// A request message over `server.max_request_bytes`, refused before it
+/// was read whole: RESOURCE_EXHAUSTED naming the limit, with ErrorInfo
+/// `INVALID_REQUEST` and BadRequest field `request`.
+pub fn request_too_large(limit: usize) -> Status {
+    to_status(&CallError::RequestTooLarge { limit })
 }
 
 /// The status for `error`, recorded on the call, with the call's headers.

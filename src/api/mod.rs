@@ -5,11 +5,13 @@
 
 mod convert;
 mod error;
+mod limit;
 mod metadata;
 mod service;
 mod stream;
 
-pub use error::{GRPC, code, to_status};
+pub use error::{GRPC, code, request_too_large, to_status};
+pub use limit::RequestLimit;
 /// For the fuzz targets (`fuzz/`) and the test replaying their corpus.
 #[doc(hidden)]
 pub use metadata::grpc_timeout;

@@ -7,6 +7,9 @@ use super::schema::{Config, LimitsConfig, ProviderConfig, ProviderKind, Reasonin
 
 const DEFAULT: &str = include_str!("default.yaml");
 
+/// The smallest `server.max_request_bytes` accepted.
+const MIN_REQUEST_BYTES: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     /// The file, when there is one.
@@ -274,15 +277,29 @@ fn validate(c: &Config, _text: &str) -> Result<(), (Vec<String>, String)> {
             ),
         ));
     }
-    for (key, d) in
-        [("handshake_timeout", c.server.handshake_timeout), ("body_read_timeout", c.server.body_read_timeout)]
-    {
-        if d.is_zero() {
-            return Err((p(&["server", key]), "must be more than 0".into()));
-        }
+    if c.server.body_read_timeout.is_zero() {
+        return Err((p(&["server", "body_read_timeout"]), "must be more than 0".into()));
     }
-    if c.server.max_request_bytes < 1024 {
-        return Err((p(&["server", "max_request_bytes"]), "must be at least 1024".into()));
+    if c.server.handshake_timeout.is_zero() {
+        return Err((
+            p(&["server", "handshake_timeout"]),
+            "must be more than 0: every connection would be closed before its first request".into(),
+        ));
+    }
+    if c.server.max_connections == 0 {
+        return Err((
+            p(&["server", "max_connections"]),
+            "must be at least 1: every connection would be refused".into(),
+        ));
+    }
+    if c.server.max_request_bytes < MIN_REQUEST_BYTES {
+        return Err((
+            p(&["server", "max_request_bytes"]),
+            format!("must be at least {MIN_REQUEST_BYTES}: smaller would refuse ordinary calls"),
+        ));
+    }
+    if c.server.body_read_timeout.is_zero() {
+        return Err((p(&["server", "body_read_timeout"]), "must be more than 0".into()));
     }
     if let Some(http) = c.http_listen
         && (http == c.listen || http == c.admin_listen)
@@ -706,6 +723,27 @@ api_keys:
         assert!(!e.to_string().contains("hunter2"), "credentials redacted: {e}");
         let e = with("  chat:\n    targets:", "  chat:\n    strategy: fastest\n    targets:");
         assert!(e.to_string().contains("fastest"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_are_checked_by_key_and_line() {
+        let c = parse(GOOD, None).unwrap();
+        let s = &c.server;
+        assert_eq!(
+            (s.handshake_timeout.as_secs(), s.idle_timeout.as_secs(), s.max_connections, s.max_request_bytes),
+            (10, 600, 4096, 4 << 20),
+            "the defaults protect the process"
+        );
+        for (add, key) in [
+            ("handshake_timeout: 0s", "server.handshake_timeout"),
+            ("max_connections: 0", "server.max_connections"),
+            ("max_request_bytes: 100", "server.max_request_bytes"),
+        ] {
+            let e = parse(&format!("{GOOD}server:\n  {add}\n"), None).unwrap_err();
+            assert_eq!((e.key.as_deref(), e.line), (Some(key), Some(20)), "{e}");
+        }
+        let c = parse(&format!("{GOOD}server:\n  idle_timeout: 0s\n"), None).unwrap();
+        assert!(c.server.idle_timeout.is_zero(), "0 turns the idle timeout off");
     }
 
     #[test]

@@ -72,14 +72,21 @@ pub struct ServerConfig {
     /// How often the config file is checked for a change to reload; 0: only on SIGHUP.
     #[serde(deserialize_with = "duration")]
     pub config_reload_interval: Duration,
-    /// HTTP front door: a new connection's first request headers must
-    /// arrive within it (on HTTP/1.1, every request's headers).
+    /// Every listener: a new connection must finish its TLS handshake (if
+    /// any), send its preface and its first request within it, or it is
+    /// closed (on HTTP/1.1, every request's headers must arrive within it).
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
+    /// Every listener: a connection with no request in flight for this long
+    /// is sent a graceful GOAWAY (HTTP/2) or closed (HTTP/1.1); 0: never.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener; past it a new one is closed at once.
+    pub max_connections: usize,
     /// HTTP front door: a request body must arrive whole within it.
     #[serde(deserialize_with = "duration")]
     pub body_read_timeout: Duration,
-    /// HTTP front door: the largest request body, in bytes.
+    /// The largest request message (gRPC) or body (HTTP front door), in bytes.
     pub max_request_bytes: usize,
 }
 
@@ -116,6 +123,8 @@ impl Default for ServerConfig {
             config_reload_interval: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            max_connections: 4096,
             max_request_bytes: 4 << 20,
         }
     }

@@ -20,6 +20,7 @@ use crate::{
         self, TraceContext,
         metrics::{FinishedCall, Metrics},
     },
+    watchdog,
 };
 
 /// Most completion text recorded on a span; past it the record is cut.
@@ -39,6 +40,9 @@ pub struct Door {
     pub ok: Outcome,
     /// How a call is recorded that ended with no outcome: the caller went away.
     pub cancelled: Outcome,
+    /// How a call is recorded whose response the listener dropped at the
+    /// deadline because the caller was not reading it (`watchdog`).
+    pub deadline: Outcome,
 }
 
 /// A call's ending in its front door's terms.
@@ -111,6 +115,8 @@ pub struct Call {
     streamed_bytes: usize,
     /// The call's admission, settled when the call ends (drop included).
     ticket: Option<Ticket>,
+    /// The listener's watch on the deadline, when the call runs under one.
+    watchdog: Option<watchdog::Armed>,
     /// Counts this call as in flight until it is dropped.
     _tracked: TaskTrackerToken,
 }
@@ -146,11 +152,13 @@ impl Call {
         // days by asking for it.
         let timeout = timeout.min(max_timeout);
         metrics.call_started();
+        let deadline = started.checked_add(timeout);
         Self {
             door,
             method,
             request_id,
-            deadline: started.checked_add(timeout),
+            deadline,
+            watchdog: deadline.and_then(watchdog::arm),
             trace,
             span,
             metrics,
@@ -303,6 +311,9 @@ impl Drop for Call {
         let streamed = self.streamed_tokens();
         if let Some(ticket) = &mut self.ticket {
             ticket.settle(None, streamed);
+        }
+        if self.outcome.is_none() && self.watchdog.as_ref().is_some_and(watchdog::Armed::fired) {
+            self.outcome = Some((self.door.deadline, CallError::DeadlineExceeded.label()));
         }
         // No outcome recorded: the caller went away before the end.
         let cancelled = self.outcome.is_none();

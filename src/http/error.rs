@@ -23,6 +23,7 @@ pub static HTTP: Door = Door {
     status_field: "http.response.status_code",
     ok: Outcome { code: "200", number: 200 },
     cancelled: Outcome { code: "499", number: 499 },
+    deadline: Outcome { code: "504", number: 504 },
 };
 
 #[derive(Serialize)]

@@ -95,6 +95,7 @@ pub struct Metrics {
     config_reloads: Family<OutcomeLabels, Counter>,
     tls_reloads: Family<OutcomeLabels, Counter>,
     pub admission: super::admission_metrics::AdmissionMetrics,
+    pub listeners: super::listener_metrics::ListenerMetrics,
 }
 
 impl Default for Metrics {
@@ -169,6 +170,7 @@ impl Metrics {
             tls_reloads.clone(),
         );
         let admission = super::admission_metrics::AdmissionMetrics::register(&mut registry);
+        let listeners = super::listener_metrics::ListenerMetrics::register(&mut registry);
         Self {
             registry,
             routing,
@@ -184,6 +186,7 @@ impl Metrics {
             config_reloads,
             tls_reloads,
             admission,
+            listeners,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod admission_metrics;
 mod export;
 mod init;
+pub mod listener_metrics;
 pub mod metrics;
 pub mod routing_metrics;
 

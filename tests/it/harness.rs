@@ -375,13 +375,29 @@ impl RawH2 {
         Self::over(addr, tcp).await
     }
 
+    /// Connects offering a stream window of `window` bytes: a response it
+    /// does not read stalls once that much has arrived (a slow reader).
+    pub(crate) async fn with_window(addr: SocketAddr, window: u32) -> Self {
+        let tcp = within(WAIT, "TCP connect", TcpStream::connect(addr)).await.expect("connect");
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(window);
+        Self::handshake(addr, tcp, builder).await
+    }
+
     /// The HTTP/2 handshake over a connection already made (a TLS one, say).
     pub(crate) async fn over<IO>(addr: SocketAddr, io: IO) -> Self
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        Self::handshake(addr, io, h2::client::Builder::new()).await
+    }
+
+    async fn handshake<IO>(addr: SocketAddr, io: IO, builder: h2::client::Builder) -> Self
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (send, conn) =
-            within(WAIT, "the HTTP/2 handshake", h2::client::handshake(io)).await.expect("HTTP/2 handshake");
+            within(WAIT, "the HTTP/2 handshake", builder.handshake(io)).await.expect("HTTP/2 handshake");
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -344,7 +344,7 @@ async fn the_deadline_is_server_default_timeout() {
     assert_eq!(last["error"]["code"], "deadline_exceeded", "{text}");
 }
 
-fn raw_request(body: &Value, keep_alive: bool) -> Vec<u8> {
+pub(crate) fn raw_request(body: &Value, keep_alive: bool) -> Vec<u8> {
     let body = body.to_string();
     let connection = if keep_alive { "keep-alive" } else { "close" };
     format!(
@@ -360,7 +360,7 @@ async fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 /// Reads from `tcp` until `needle` has been seen; returns all that was read.
-async fn read_until(tcp: &mut TcpStream, needle: &str) -> String {
+pub(crate) async fn read_until(tcp: &mut TcpStream, needle: &str) -> String {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     within(WAIT, needle, async {

@@ -22,6 +22,7 @@ mod gemini;
 mod golden;
 mod headers;
 mod http;
+mod limits;
 mod metrics;
 mod openai_sdk;
 mod parity;

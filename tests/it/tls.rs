@@ -323,3 +323,30 @@ async fn the_http_front_door_over_tls_speaks_http1_and_h2() {
     assert!(String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"));
     conn.abort();
 }
+
+#[tokio::test]
+async fn the_handshake_timeout_covers_the_tls_handshake() {
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::new("test CA");
+    let files = Files::new(&ca.server("server"), None);
+    let yaml = files.yaml(false, "30s").replacen("server:\n", "server:\n  handshake_timeout: 300ms\n", 1);
+    let gw = Gateway::start(&yaml).await;
+    let opened = std::time::Instant::now();
+    // No ClientHello at all; and a TLS handshake done, but no HTTP/2 after it.
+    let mut silent = within(WAIT, "TCP connect", TcpStream::connect(gw.grpc)).await.expect("connect");
+    let mut quiet_tls = tls_connect(gw.grpc, client_config(&[ca.der()], None)).await.expect("TLS handshake");
+    let mut buf = [0u8; 64];
+    let n = within(WAIT, "the silent connection to close", silent.read(&mut buf)).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let closed = opened.elapsed();
+    assert!(closed >= std::time::Duration::from_millis(280), "not before the timeout: {closed:?}");
+    // The TLS connection had the same budget, counted from its accept.
+    loop {
+        match within(WAIT, "the quiet TLS connection to close", quiet_tls.read(&mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let closed = opened.elapsed();
+    assert!(closed < std::time::Duration::from_millis(1300), "{closed:?}");
+}
