@@ -334,11 +334,9 @@ impl Body for SseBody {
                 hold.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        if this.next > 0 {
-            if this.flush_each && !std::mem::replace(&mut this.yielded, true) {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
+        if this.next > 0 && this.flush_each && !std::mem::replace(&mut this.yielded, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         this.yielded = false;
         this.next += 1;

@@ -239,7 +239,7 @@ fn json(c: &mut Choices<'_>, depth: u32) -> serde_json::Value {
         _ => {
             let mut map = serde_json::Map::new();
             for _ in 0..c.byte() % 6 {
-                let key = if c.byte() % 8 == 0 { c.raw() } else { c.pick(KEYS).to_owned() };
+                let key = if c.byte().is_multiple_of(8) { c.raw() } else { c.pick(KEYS).to_owned() };
                 map.insert(key, json(c, depth + 1));
             }
             Value::Object(map)

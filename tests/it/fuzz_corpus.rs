@@ -9,8 +9,10 @@ use llm_gateway::config::ProviderKind;
 #[path = "../../fuzz/src/checks.rs"]
 mod checks;
 
+type Check = fn(&[u8]);
+
 /// The fuzz targets, as `fuzz/Cargo.toml` names them.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Check)] = &[
     ("sse_events", checks::sse_events),
     ("translate_openai", |d| checks::translate(ProviderKind::Openai, d)),
     ("translate_anthropic", |d| checks::translate(ProviderKind::Anthropic, d)),
