@@ -61,7 +61,9 @@ pub fn headers(call: &Call, md: &mut MetadataMap) {
 pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > MAX_TIMEOUT_DIGITS {
+    // Digits only: `u64::from_str` would also take a sign ("+100m", found
+    // by fuzzing), which the spec does not allow.
+    if digits.is_empty() || digits.len() > MAX_TIMEOUT_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let n: u64 = digits.parse().ok()?;
@@ -91,6 +93,8 @@ mod tests {
             ("123456789S", None),
             ("S", None),
             ("10x", None),
+            ("+100m", None),
+            ("-1S", None),
         ] {
             m.insert("grpc-timeout", v.parse().unwrap());
             assert_eq!(grpc_timeout(&m), d, "{v}");

@@ -91,6 +91,14 @@ macro_rules! call_span {
 }
 pub(crate) use call_span;
 
+/// How long a call may run: `default` when its caller asks for no deadline
+/// (0: `max`), and never more than `max`, whatever it asks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub default: Duration,
+    pub max: Duration,
+}
+
 pub struct Call {
     door: &'static Door,
     pub method: &'static str,
@@ -123,14 +131,14 @@ pub struct Call {
 
 impl Call {
     /// Starts the record of a call under `span` (made with [`call_span!`]);
-    /// its deadline is the caller's, else `default_timeout` (0: none), and
-    /// never later than `max_timeout` from now.
+    /// its deadline is the caller's, else the default, and never later than
+    /// the maximum from now (see [`Timeouts`]).
     pub(super) fn start(
         door: &'static Door,
         method: &'static str,
         span: Span,
         meta: &CallMeta<'_>,
-        (default_timeout, max_timeout): (Duration, Duration),
+        timeouts: Timeouts,
         metrics: Arc<Metrics>,
         tracked: TaskTrackerToken,
     ) -> Self {
@@ -145,12 +153,12 @@ impl Call {
         trace.adopt(&span);
         let timeout = match meta.timeout {
             Some(t) => t,
-            None if default_timeout.is_zero() => max_timeout,
-            None => default_timeout,
+            None if timeouts.default.is_zero() => timeouts.max,
+            None => timeouts.default,
         };
         // A caller may not hold a call (and its upstream connection) for
         // days by asking for it.
-        let timeout = timeout.min(max_timeout);
+        let timeout = timeout.min(timeouts.max);
         metrics.call_started();
         let deadline = started.checked_add(timeout);
         Self {

@@ -73,7 +73,7 @@ impl Core {
             method,
             span,
             meta,
-            (self.default_timeout, self.max_timeout),
+            call::Timeouts { default: self.default_timeout, max: self.max_timeout },
             self.metrics.clone(),
             self.calls.token(),
         )
