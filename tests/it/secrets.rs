@@ -280,7 +280,8 @@ async fn no_secret_reaches_logs_errors_metrics_or_spans() {
 #[tokio::test]
 async fn config_errors_never_quote_proxy_credentials() {
     let s = Secrets::new();
-    let proxy = format!("socks5://user:{}@127.0.0.1:1080", s.proxy_password);
+    // Only parsed, never dialled: a name that cannot resolve.
+    let proxy = format!("socks5://user:{}@proxy.invalid:1080", s.proxy_password);
     let base = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n";
     let models = "models:\n  m:\n    targets: [{ provider: p, model: x }]\n";
     let cases = [
