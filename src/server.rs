@@ -106,21 +106,7 @@ where
     let service = TowerToHyperService::new(routes);
     let goaway = CancellationToken::new();
     let mut connection_set = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = draining.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = accept(&listener, &draining).await {
         let Some(admitted) = gate.admit() else {
             // Refused: closed at once, and counted by the gate.
             drop(stream);
@@ -181,20 +167,7 @@ pub async fn serve_http(
     let service = TowerToHyperService::new(app);
     let goaway = CancellationToken::new();
     let mut connection_set = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = draining.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = accept(&listener, &draining).await {
         let Some(admitted) = gate.admit() else { continue };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
@@ -370,4 +343,26 @@ impl Drain {
 
 async fn join_all(set: &mut JoinSet<()>) {
     while set.join_next().await.is_some() {}
+}
+
+/// The next connection, or None once `draining` fires. A failed accept (out
+/// of descriptors and the like) backs off instead of spinning.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    draining: &CancellationToken,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = draining.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => return Some(stream),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
