@@ -95,7 +95,11 @@ pub async fn guard<F: Future<Output = ()>>(task: F) {
             timer.as_mut().reset(slot.instant(armed).into());
             timer_at = armed;
         }
-        if timer.as_mut().poll(cx).is_pending() {
+        // Unconstrained: a busy task spends the coop budget this poll shares
+        // with it, and a timer polled on an empty budget is Pending however
+        // late it is, so a flood the caller is not reading would outrun
+        // its own deadline.
+        if pin!(tokio::task::unconstrained(timer.as_mut())).poll(cx).is_pending() {
             return Poll::Pending;
         }
         slot.fired.store(true, Ordering::Release);
