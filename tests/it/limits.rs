@@ -268,8 +268,11 @@ fn megabytes_then_hang() -> Reply {
 #[tokio::test]
 async fn an_http1_caller_that_stops_reading_has_its_upstream_closed_at_the_deadline() {
     let up = Upstream::start(megabytes_then_hang()).await;
+    // The deadline leaves a debug build on a busy 2-core machine time to
+    // push the 4 MB into the socket buffers first, so that what is timed is
+    // the watchdog, not how fast the flood is parsed.
     let yaml =
-        format!("http_listen: 127.0.0.1:0\n{}", with_server("  default_timeout: 700ms\n", &up.base_url()));
+        format!("http_listen: 127.0.0.1:0\n{}", with_server("  default_timeout: 1500ms\n", &up.base_url()));
     let gw = Gateway::start(&yaml).await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
@@ -279,8 +282,8 @@ async fn an_http1_caller_that_stops_reading_has_its_upstream_closed_at_the_deadl
     // Reads nothing.
     let closed = within(WAIT, "the upstream to see its connection close", up.closed()).await;
     let at = closed.saturating_duration_since(started);
-    assert!(at >= Duration::from_millis(650), "not before the deadline: {at:?}");
-    assert!(at < Duration::from_millis(700) + CLOSE_BOUND, "at the deadline: {at:?}");
+    assert!(at >= Duration::from_millis(1450), "not before the deadline: {at:?}");
+    assert!(at < Duration::from_millis(1500) + CLOSE_BOUND, "at the deadline: {at:?}");
 }
 
 #[tokio::test]
