@@ -20,7 +20,9 @@
 //! ```
 //!
 //! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
-//! flight in the throughput runs, 64, as in the issue's comparison), `--only
+//! flight in the throughput runs, 64, as in the issue's comparison),
+//! `--baseline BIN` (the throughput rows again against another build, e.g.
+//! `git worktree add ../base <commit> && cargo build --release` there), `--only
 //! startup,latency,openloop,throughput,memory,cancel,tracing,soak` (some parts
 //! only).
 //! `BENCH_QUICK=1` is `--quick`; `BENCH_GATEWAY_LOG=FILE` keeps the gateways'
@@ -95,6 +97,10 @@ struct Options {
     tokens: usize,
     /// Calls in flight in the throughput runs.
     throughput_concurrency: usize,
+    /// `--baseline BIN`: another build of the gateway (an older commit's),
+    /// measured in the same run on the throughput rows, for a same-run
+    /// before/after.
+    baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -106,6 +112,7 @@ impl Options {
         let mut tokens = 20;
         let mut throughput_concurrency = 64;
         let mut only = Vec::new();
+        let mut baseline = None;
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -115,6 +122,7 @@ impl Options {
                         only.push(Phase::parse(name.trim())?);
                     }
                 }
+                "--baseline" => baseline = Some(PathBuf::from(it.next().ok_or("--baseline needs a path")?)),
                 "--concurrency" => {
                     throughput_concurrency = it.next().ok_or("--concurrency needs a number")?.parse()?;
                 }
@@ -130,6 +138,7 @@ impl Options {
             perf: args.iter().any(|a| a == "--perf"),
             tokens,
             throughput_concurrency: throughput_concurrency.max(1),
+            baseline,
         })
     }
 
@@ -326,6 +335,12 @@ async fn run(
     if [Phase::Latency, Phase::OpenLoop, Phase::Throughput].into_iter().any(|p| options.runs(p)) {
         let mut gateway = Gateway::spawn(bin, &config).await?;
         let openai = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?);
+        // Its config names only what every build since the spine
+        // understands; each gateway idles while the other is measured.
+        let base = match &options.baseline {
+            Some(bin) => Some(Gateway::spawn(bin, &process::baseline_config_yaml(upstream.addr)).await?),
+            None => None,
+        };
         if options.runs(Phase::Latency) {
             for &(concurrency, calls) in &plan.latency {
                 progress(&format!("time to first token, c={concurrency}"));
@@ -333,6 +348,22 @@ async fn run(
                 let run = phases::pair(
                     label,
                     &gateway,
+                    Front::Grpc,
+                    openai.clone(),
+                    "fast",
+                    concurrency,
+                    calls,
+                    plan.run_limit,
+                );
+                report.latency.push(run.await?);
+            }
+            for &(concurrency, calls) in plan.latency.iter().filter(|_| base.is_some()) {
+                let Some(base) = &base else { break };
+                progress(&format!("time to first token, baseline, c={concurrency}"));
+                let label = "openai, per-token, baseline";
+                let run = phases::pair(
+                    label,
+                    base,
                     Front::Grpc,
                     openai.clone(),
                     "fast",
@@ -461,6 +492,25 @@ async fn run(
             let run =
                 phases::throughput("openai, burst", &gateway, Front::Grpc, burst, "burst", c, time, None);
             report.throughput.push(run.await?);
+            if let Some(base) = &base {
+                progress(&format!("throughput, baseline, per-token writes, c={c}"));
+                let run = phases::throughput(
+                    "openai, per-token, baseline",
+                    base,
+                    Front::Grpc,
+                    openai.clone(),
+                    "fast",
+                    c,
+                    time,
+                    None,
+                );
+                report.throughput.push(run.await?);
+                progress(&format!("throughput, baseline, one write per answer, c={c}"));
+                let burst = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "burst")?);
+                let label = "openai, burst, baseline";
+                let run = phases::throughput(label, base, Front::Grpc, burst, "burst", c, time, None);
+                report.throughput.push(run.await?);
+            }
             progress("1,024 calls at once on one connection");
             report.burst = Some((1024, phases::burst(&gateway, 1024, plan.run_limit).await?));
         }

@@ -80,6 +80,22 @@ models:
     )
 }
 
+/// The throughput models only, in keys every build since the spine reads:
+/// for `--baseline`, an older build measured beside this one.
+pub fn baseline_config_yaml(upstream: SocketAddr) -> String {
+    format!(
+        "listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+telemetry: {{log_format: json, log_level: info}}
+providers:
+  up: {{kind: openai, base_url: \"http://{upstream}/v1\"}}
+models:
+  fast: {{targets: [{{provider: up, model: fast}}]}}
+  burst: {{targets: [{{provider: up, model: burst}}]}}
+"
+    )
+}
+
 /// How long the start took, from `spawn`.
 #[derive(Clone, Copy, Debug)]
 pub struct StartTimes {
