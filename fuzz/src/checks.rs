@@ -223,7 +223,64 @@ const STRINGS: &[&str] = &[
     "{\"a\":",
 ];
 
-fn json(c: &mut Choices<'_>, depth: u32) -> serde_json::Value {
+/// Gemini's keys and values: its stream has no event names and no
+/// `[DONE]`, and shares almost no key with the other two.
+const GEMINI_KEYS: &[&str] = &[
+    "candidates",
+    "content",
+    "parts",
+    "role",
+    "text",
+    "thought",
+    "functionCall",
+    "name",
+    "args",
+    "finishReason",
+    "index",
+    "usageMetadata",
+    "promptTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+    "cachedContentTokenCount",
+    "totalTokenCount",
+    "promptFeedback",
+    "blockReason",
+    "modelVersion",
+    "responseId",
+    "error",
+    "code",
+    "message",
+    "status",
+];
+
+const GEMINI_STRINGS: &[&str] = &[
+    "model",
+    "user",
+    "STOP",
+    "MAX_TOKENS",
+    "SAFETY",
+    "RECITATION",
+    "LANGUAGE",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "MALFORMED_FUNCTION_CALL",
+    "FINISH_REASON_UNSPECIFIED",
+    "OTHER",
+    "UNEXPECTED_TOOL_CALL",
+    "RESOURCE_EXHAUSTED",
+    "",
+    "é",
+    "{\"a\":",
+];
+
+/// The words a generated JSON value is made of.
+struct Words {
+    keys: &'static [&'static str],
+    strings: &'static [&'static str],
+}
+
+fn json(c: &mut Choices<'_>, words: &Words, depth: u32) -> serde_json::Value {
     use serde_json::Value;
     let kind = if depth >= 5 { c.byte() % 5 } else { c.byte() % 8 };
     match kind {
@@ -233,14 +290,14 @@ fn json(c: &mut Choices<'_>, depth: u32) -> serde_json::Value {
             let n: &[i64] = &[0, 1, 2, -1, 3, 1 << 31, u32::MAX as i64, u32::MAX as i64 + 1, i64::MAX];
             Value::from(n[usize::from(c.byte()) % n.len()])
         }
-        3 => Value::from(c.pick(STRINGS)),
+        3 => Value::from(c.pick(words.strings)),
         4 => Value::from(c.raw()),
-        5 => Value::Array((0..c.byte() % 4).map(|_| json(c, depth + 1)).collect()),
+        5 => Value::Array((0..c.byte() % 4).map(|_| json(c, words, depth + 1)).collect()),
         _ => {
             let mut map = serde_json::Map::new();
             for _ in 0..c.byte() % 6 {
-                let key = if c.byte().is_multiple_of(8) { c.raw() } else { c.pick(KEYS).to_owned() };
-                map.insert(key, json(c, depth + 1));
+                let key = if c.byte().is_multiple_of(8) { c.raw() } else { c.pick(words.keys).to_owned() };
+                map.insert(key, json(c, words, depth + 1));
             }
             Value::Object(map)
         }
@@ -250,6 +307,10 @@ fn json(c: &mut Choices<'_>, depth: u32) -> serde_json::Value {
 /// A provider's translator on an arbitrary sequence of events whose data
 /// is mostly JSON shaped like its wire format.
 pub fn translate_events(kind: ProviderKind, data: &[u8]) {
+    let words = match kind {
+        ProviderKind::Gemini => Words { keys: GEMINI_KEYS, strings: GEMINI_STRINGS },
+        _ => Words { keys: KEYS, strings: STRINGS },
+    };
     let mut c = Choices { data };
     let mut events = Vec::new();
     let mut input = 0;
@@ -258,7 +319,7 @@ pub fn translate_events(kind: ProviderKind, data: &[u8]) {
         let data = match c.byte() % 8 {
             0 => "[DONE]".to_owned(),
             1 => c.raw(),
-            _ => json(&mut c, 0).to_string(),
+            _ => json(&mut c, &words, 0).to_string(),
         };
         input += data.len();
         events.push(Event { event, data, id: String::new(), retry: None });

@@ -23,12 +23,14 @@ pub fn sse_events(chunks: Vec<Bytes>) -> Vec<Result<Event, ProviderError>> {
 
 /// Everything the delta stream of a `kind` upstream yields for a body that
 /// arrives as `chunks`: the gateway's own stream path, from memory.
+/// Gemini's generated tool-call ids get a fixed prefix, so that two replays
+/// of one body compare equal.
 pub fn translate(kind: ProviderKind, chunks: Vec<Bytes>) -> Vec<Result<Delta, ProviderError>> {
     let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, reqwest::Error>));
     let mut stream: DeltaStream = match kind {
         ProviderKind::Openai => sse::from_body(body, openai::Translator::default()),
         ProviderKind::Anthropic => sse::from_body(body, anthropic::Translator::default()),
-        ProviderKind::Gemini => sse::from_body(body, gemini::Translator::new()),
+        ProviderKind::Gemini => sse::from_body(body, gemini::Translator::with_id_prefix("call_fuzz".into())),
         ProviderKind::Mock => return Vec::new(),
     };
     drain(stream.as_mut())
@@ -41,7 +43,7 @@ pub fn translate_events(kind: ProviderKind, events: Vec<Event>) -> Vec<Result<De
     match kind {
         ProviderKind::Openai => run(openai::Translator::default(), events),
         ProviderKind::Anthropic => run(anthropic::Translator::default(), events),
-        ProviderKind::Gemini => run(gemini::Translator::new(), events),
+        ProviderKind::Gemini => run(gemini::Translator::with_id_prefix("call_fuzz".into()), events),
         ProviderKind::Mock => Vec::new(),
     }
 }

@@ -19,6 +19,8 @@ const TARGETS: &[Target] = &[
     ("translate_anthropic", |d| checks::translate(ProviderKind::Anthropic, d)),
     ("events_openai", |d| checks::translate_events(ProviderKind::Openai, d)),
     ("events_anthropic", |d| checks::translate_events(ProviderKind::Anthropic, d)),
+    ("translate_gemini", |d| checks::translate(ProviderKind::Gemini, d)),
+    ("events_gemini", |d| checks::translate_events(ProviderKind::Gemini, d)),
     ("config", checks::config),
     ("grpc_timeout", checks::grpc_timeout),
 ];

@@ -1,0 +1,5 @@
+#![no_main]
+
+use llm_gateway::config::ProviderKind;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| llm_gateway_fuzz::checks::translate_events(ProviderKind::Gemini, data));
