@@ -650,6 +650,7 @@ async fn beside_tensorzero(
         after_rss_kib: Vec::new(),
         tensorzero_python_kib: None,
         rows: Vec::new(),
+        tokens: options.tokens,
     };
     let c = options.throughput_concurrency;
     let connections = c.div_ceil(support::load::STREAMS_PER_CONNECTION);

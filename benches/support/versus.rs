@@ -82,6 +82,8 @@ pub struct Versus {
     /// started: the interpreter's share of its RSS.
     pub tensorzero_python_kib: Option<u64>,
     pub rows: Vec<VersusRow>,
+    /// Tokens per answer.
+    pub tokens: usize,
 }
 
 const COLUMNS: [&str; 4] = [DIRECT, OURS_GRPC, OURS_HTTP, TENSORZERO];
@@ -119,9 +121,9 @@ impl Versus {
         let _ = writeln!(
             out,
             "\nBeside TensorZero (tensorzero {}: its Rust gateway in a Python host; the same upstream, prompt,\n\
-             {} answers and HTTP/1.1 SSE client as \"ours HTTP\"; added = via a gateway minus direct, ms)",
+             {}-token answers and HTTP/1.1 SSE client as \"ours HTTP\"; added = via a gateway minus direct, ms)",
             if self.tensorzero_version.is_empty() { "?" } else { &self.tensorzero_version },
-            "20-token"
+            self.tokens
         );
         if let Some(e) = &self.tensorzero_error {
             let _ = writeln!(out, "  TensorZero did not run: {e}");
