@@ -17,14 +17,18 @@
 //! cargo bench --bench gateway -- --quick      # a few seconds: does it still work?
 //! cargo bench --bench gateway -- --perf       # also `perf record` the gateway
 //! cargo bench --bench gateway -- --only soak  # the soak alone, about two minutes
+//! cargo bench --bench gateway -- --only tensorzero   # beside TensorZero's gateway
 //! ```
 //!
 //! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
 //! flight in the throughput runs, 64, as in the issue's comparison),
 //! `--baseline BIN` (the throughput rows again against another build, e.g.
 //! `git worktree add ../base <commit> && cargo build --release` there), `--only
-//! startup,latency,openloop,throughput,memory,cancel,tracing,soak` (some parts
-//! only).
+//! startup,latency,openloop,throughput,memory,cancel,tracing,admission,soak,tensorzero`
+//! (some parts only). The `tensorzero` part (issue #17) runs TensorZero's
+//! gateway beside ours under the same load (`support::tensorzero`); under
+//! `cargo bench` it installs the `tensorzero` package into a venv under
+//! `~/.cache` when missing, never as a test.
 //! `BENCH_QUICK=1` is `--quick`; `BENCH_GATEWAY_LOG=FILE` keeps the gateways'
 //! output and `BENCH_GATEWAY_RUST_LOG=FILTER` sets their log filter.
 //!
@@ -44,10 +48,12 @@ use support::{
     BoxError,
     collector::{self, Collector},
     load::{Target, Wire},
-    phases::{self, Front},
+    phases::{self, Contender, Front},
     process::{self, Gateway},
     report::{self, Meta, Report},
+    tensorzero::{self, TensorZero},
     upstream,
+    versus::{DIRECT, OURS_GRPC, OURS_HTTP, TENSORZERO, Versus},
 };
 
 /// The gateway binary, built with the bench's own profile.
@@ -65,6 +71,7 @@ enum Phase {
     Tracing,
     Admission,
     Soak,
+    TensorZero,
 }
 
 impl Phase {
@@ -79,9 +86,10 @@ impl Phase {
             "tracing" => Phase::Tracing,
             "admission" => Phase::Admission,
             "soak" => Phase::Soak,
+            "tensorzero" => Phase::TensorZero,
             _ => {
                 return Err(format!(
-                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing, admission, soak)"
+                    "--only: unknown part {name:?} (startup, latency, openloop, throughput, memory, cancel, tracing, admission, soak, tensorzero)"
                 )
                 .into());
             }
@@ -93,6 +101,8 @@ struct Options {
     /// Empty: every part.
     only: Vec<Phase>,
     quick: bool,
+    /// Run by `cargo bench` (not as a test): may install TensorZero.
+    under_bench: bool,
     perf: bool,
     tokens: usize,
     /// Calls in flight in the throughput runs.
@@ -135,6 +145,7 @@ impl Options {
         Ok(Self {
             only,
             quick: !under_bench || env_quick || args.iter().any(|a| a == "--quick"),
+            under_bench,
             perf: args.iter().any(|a| a == "--perf"),
             tokens,
             throughput_concurrency: throughput_concurrency.max(1),
@@ -167,6 +178,9 @@ struct Plan {
     tracing_calls: u64,
     tracing_time: Duration,
     soak: support::soak::SoakPlan,
+    /// Beside TensorZero: calls at c=1, and calls of the paced run.
+    versus_c1_calls: u64,
+    versus_paced_calls: u64,
     /// The whole bench stops after this, measured or not.
     total_limit: Duration,
 }
@@ -194,7 +208,11 @@ impl Plan {
                     storm: 100,
                     settle: Duration::from_secs(10),
                 },
-                total_limit: Duration::from_secs(180),
+
+                versus_c1_calls: 100,
+                versus_paced_calls: 128,
+                // Room for the TensorZero part (about 20 s more in quick mode).
+                total_limit: Duration::from_secs(240),
             }
         } else {
             Plan {
@@ -220,6 +238,9 @@ impl Plan {
                     storm: 1_000,
                     settle: Duration::from_secs(10),
                 },
+                versus_c1_calls: 5_000,
+                // 50 rounds of 64 calls of ~200 ms each: about 10 s a side.
+                versus_paced_calls: 3_200,
                 total_limit: Duration::from_secs(900),
             }
         }
@@ -325,6 +346,7 @@ async fn run(
         cancellation: None,
         tracing: Vec::new(),
         soak: None,
+        versus: None,
     };
 
     if options.runs(Phase::Startup) {
@@ -569,6 +591,9 @@ async fn run(
     if options.runs(Phase::Admission) {
         report.tracing.extend(admission_cost(options, plan, &config).await?);
     }
+    if options.runs(Phase::TensorZero) {
+        report.versus = Some(beside_tensorzero(options, plan, upstream, &config).await?);
+    }
     let stats = &upstream.stats;
     eprintln!(
         "gateway bench: done; upstream: {} requests, {} connections, {} completed, {} aborted",
@@ -688,6 +713,111 @@ async fn admission_cost(
         out.push(phases::tracing_variant(bin, &config, run).await?);
     }
     Ok(out)
+}
+
+/// Issue #17: our gateway (gRPC and its HTTP front door) and TensorZero's,
+/// both fresh, under the same load (see [`phases::versus`]). If TensorZero
+/// cannot start or answer, the reason is reported and ours still measured.
+async fn beside_tensorzero(
+    options: &Options,
+    plan: &Plan,
+    upstream: &upstream::Upstream,
+    config: &str,
+) -> Result<Versus, BoxError> {
+    progress("beside TensorZero: starting both gateways");
+    let mut gateway = Gateway::spawn(Path::new(GATEWAY_BIN), config).await?;
+    let tensorzero = TensorZero::spawn(upstream.addr, options.under_bench).await;
+    // Let both settle before reading their idle RSS.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut versus = Versus {
+        tensorzero_version: String::new(),
+        tensorzero_error: None,
+        idle_rss_kib: vec![(OURS_GRPC, gateway.usage()?.rss_kib), (OURS_HTTP, gateway.usage()?.rss_kib)],
+        after_rss_kib: Vec::new(),
+        tensorzero_python_kib: None,
+        rows: Vec::new(),
+        tokens: options.tokens,
+    };
+    let c = options.throughput_concurrency;
+    let connections = c.div_ceil(support::load::STREAMS_PER_CONNECTION);
+    let http = gateway.http_addr.ok_or("the gateway logged no http_addr (http_listen unset?)")?;
+    let mut contenders = vec![
+        Contender {
+            name: DIRECT,
+            pid: None,
+            fast: Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?),
+            paced: Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "paced")?),
+        },
+        Contender {
+            name: OURS_GRPC,
+            pid: Some(gateway.pid),
+            fast: Arc::new(Target::gateway(gateway.grpc_addr, connections, "fast").await?),
+            paced: Arc::new(Target::gateway(gateway.grpc_addr, connections, "paced").await?),
+        },
+        Contender {
+            name: OURS_HTTP,
+            pid: Some(gateway.pid),
+            fast: Arc::new(Target::gateway_http(http, "fast")?),
+            paced: Arc::new(Target::gateway_http(http, "paced")?),
+        },
+    ];
+    let tensorzero = match tensorzero {
+        Ok(tz) => {
+            versus.tensorzero_version = tz.version.clone();
+            versus.tensorzero_python_kib = Some(tz.rss_before_start_kib);
+            versus.idle_rss_kib.push((TENSORZERO, tz.usage()?.rss_kib));
+            let fast = Arc::new(Target::openai_at(&tz.base_url, tensorzero::MODEL)?);
+            // One call first, so that a gateway that starts but cannot
+            // stream is reported as such rather than as a column of errors.
+            let probe = support::load::run(fast.clone(), 1, 1, Duration::from_secs(10)).await;
+            if probe.calls == 1 {
+                contenders.push(Contender {
+                    name: TENSORZERO,
+                    pid: Some(tz.pid),
+                    fast,
+                    paced: Arc::new(Target::openai_at(&tz.base_url, tensorzero::MODEL_PACED)?),
+                });
+                Some(tz)
+            } else {
+                versus.tensorzero_error = Some(format!(
+                    "its first call failed: {}
+{}",
+                    probe.first_error.unwrap_or_default(),
+                    tz.tail()
+                ));
+                None
+            }
+        }
+        Err(e) => {
+            versus.tensorzero_error = Some(e.to_string());
+            None
+        }
+    };
+    if let Some(e) = &versus.tensorzero_error {
+        eprintln!("gateway bench: TensorZero is left out: {e}");
+    }
+    let versus_plan = phases::VersusPlan {
+        concurrency: c,
+        throughput_time: plan.throughput_time,
+        c1_calls: plan.versus_c1_calls,
+        paced_calls: plan.versus_paced_calls,
+        max_time: plan.run_limit,
+    };
+    versus.rows = phases::versus(&contenders, &versus_plan).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gateway.usage()?.rss_kib;
+    versus.after_rss_kib = vec![(OURS_GRPC, after), (OURS_HTTP, after)];
+    if !gateway.alive() {
+        return Err(format!("the gateway died under load:\n{}", gateway.tail()).into());
+    }
+    if let Some(mut tz) = tensorzero {
+        if tz.alive() {
+            versus.after_rss_kib.push((TENSORZERO, tz.usage()?.rss_kib));
+        } else {
+            versus.tensorzero_error = Some(format!("TensorZero's host died during the runs:\n{}", tz.tail()));
+        }
+    }
+    Ok(versus)
 }
 
 fn progress(what: &str) {

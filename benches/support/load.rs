@@ -84,6 +84,23 @@ impl Target {
         Self::direct(addr, Wire::OpenAi, model)
     }
 
+    /// Another OpenAI-compatible gateway: the same streaming request (the
+    /// same prompt, the same HTTP/1.1 client) to `base` (`http://…/v1`, where
+    /// `chat/completions` lives), on `model` as that gateway names it.
+    pub fn openai_at(base: &str, model: &str) -> Result<Self, BoxError> {
+        let Target::Direct { client, body, wire, .. } =
+            Self::direct(([127, 0, 0, 1], 0).into(), Wire::OpenAi, model)?
+        else {
+            return Err("Target::direct made no direct target".into());
+        };
+        Ok(Target::Direct {
+            client,
+            url: format!("{}/chat/completions", base.trim_end_matches('/')),
+            body,
+            wire,
+        })
+    }
+
     /// The request the gateway itself would send for `model`.
     pub fn direct(upstream: SocketAddr, wire: Wire, model: &str) -> Result<Self, BoxError> {
         // reqwest is built without a default TLS provider; plain HTTP still

@@ -10,7 +10,9 @@ pub mod process;
 pub mod redis;
 pub mod report;
 pub mod soak;
+pub mod tensorzero;
 pub mod upstream;
+pub mod versus;
 
 /// Errors of the bench's own setup; they end the run with a message.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -20,6 +20,7 @@ use super::{
     process::{Gateway, ProcUsage, clock_ticks, machine_busy_ticks, thread_ticks},
     report::{Cancellation, Cpu, Memory, MemoryLevel, OpenLoop, Pair, Startup, TracingVariant},
     upstream::Stats,
+    versus::{VersusRow, VersusRun},
 };
 
 /// Starts `n` gateways one after another, timing each to SERVING.
@@ -245,8 +246,16 @@ struct CpuTicks {
 
 impl CpuTicks {
     fn sample(gateway: &Gateway) -> Result<Self, BoxError> {
+        Self::of(Some(gateway.pid))
+    }
+
+    /// With the gateway process `pid` (none: a run straight to the upstream).
+    fn of(pid: Option<u32>) -> Result<Self, BoxError> {
         Ok(Self {
-            gateway: gateway.usage()?.cpu_ticks,
+            gateway: match pid {
+                Some(pid) => ProcUsage::of(&pid.to_string())?.cpu_ticks,
+                None => 0,
+            },
             client: thread_ticks(super::CLIENT_THREADS),
             upstream: thread_ticks(super::UPSTREAM_THREADS),
             collector: thread_ticks(super::COLLECTOR_THREADS),
@@ -412,4 +421,56 @@ async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
 pub async fn idle_after_load(gateway: &Gateway) -> Result<u64, BoxError> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(gateway.usage()?.rss_kib)
+}
+
+/// One side of the comparison with TensorZero: a gateway process (none for
+/// the upstream itself) and the same load's targets through it.
+pub struct Contender {
+    pub name: &'static str,
+    pub pid: Option<u32>,
+    /// The `fast` model (a token a write, no delay) and the `paced` one
+    /// (10 ms between tokens), as this side names them.
+    pub fast: Arc<Target>,
+    pub paced: Arc<Target>,
+}
+
+/// How much of each workload of [`versus`].
+pub struct VersusPlan {
+    pub concurrency: usize,
+    pub throughput_time: Duration,
+    pub c1_calls: u64,
+    pub paced_calls: u64,
+    pub max_time: Duration,
+}
+
+/// Issue #17: the same three workloads on every contender, one after the
+/// other within each workload (so that a disturbance of the machine lands
+/// on neighbouring figures alike), each after an unmeasured warm-up:
+/// saturation on `fast` at `plan.concurrency` (closed loop, bounded by
+/// time), `fast` one call at a time, and `paced` at `plan.concurrency`.
+pub async fn versus(contenders: &[Contender], plan: &VersusPlan) -> Result<Vec<VersusRow>, BoxError> {
+    let c = plan.concurrency;
+    let warm_time = (plan.throughput_time / 3).min(Duration::from_secs(1));
+    let mut rows = Vec::new();
+    let workloads: [(&'static str, usize, u64, Duration, bool); 3] = [
+        ("fast, closed loop", c, u64::MAX, plan.throughput_time, false),
+        ("fast", 1, plan.c1_calls, plan.max_time, false),
+        ("paced (10 ms/token)", c, plan.paced_calls, plan.max_time, true),
+    ];
+    for (workload, concurrency, calls, time, paced) in workloads {
+        let mut runs = Vec::new();
+        for k in contenders {
+            eprintln!("gateway bench: beside TensorZero: {workload}, c={concurrency}, {} …", k.name);
+            let target = if paced { k.paced.clone() } else { k.fast.clone() };
+            let warmup =
+                if calls == u64::MAX { u64::MAX } else { (2 * concurrency as u64).max(200).min(calls) };
+            load::run(target.clone(), concurrency, warmup, warm_time.max(Duration::from_millis(100))).await;
+            let before = CpuTicks::of(k.pid)?;
+            let run = load::run(target, concurrency, calls, time).await;
+            let cpu = CpuTicks::of(k.pid)?.since(before);
+            runs.push(VersusRun { name: k.name, run, cpu });
+        }
+        rows.push(VersusRow { workload, concurrency, runs });
+    }
+    Ok(rows)
 }

@@ -67,6 +67,7 @@ models:
   fast: {{targets: [{{provider: up, model: fast}}]}}
   burst: {{targets: [{{provider: up, model: burst}}]}}
   slow: {{targets: [{{provider: up, model: slow}}]}}
+  paced: {{targets: [{{provider: up, model: paced}}]}}
   an-fast: {{targets: [{{provider: an, model: fast}}]}}
   mock: {{targets: [{{provider: mk, model: \"lorem?tokens=20\"}}]}}
   down-refused: {{targets: [{{provider: dead, model: x}}, {{provider: up, model: fast}}]}}

@@ -185,6 +185,8 @@ pub struct Report {
     /// Exporter off / on / collector down, in that order.
     pub tracing: Vec<TracingVariant>,
     pub soak: Option<super::soak::Soak>,
+    /// Beside TensorZero's gateway (issue #17).
+    pub versus: Option<super::versus::Versus>,
 }
 
 fn ms(us: Option<u64>) -> String {
@@ -443,6 +445,10 @@ impl Report {
 
         if !self.tracing.is_empty() {
             self.tracing_table(&mut out);
+        }
+
+        if let Some(v) = &self.versus {
+            v.table(&mut out);
         }
 
         if let Some(s) = &self.startup {
@@ -775,6 +781,7 @@ impl Report {
             "tracing": (!self.tracing.is_empty()).then(|| json!({
                 "variants": self.tracing.iter().map(tracing).collect::<Vec<_>>(),
             })),
+            "versus_tensorzero": self.versus.as_ref().map(|v| v.json(&run)),
             "budgets": {
                 "added_ttft_p99_us": BUDGET_ADDED_TTFT_P99_US,
                 "calls_per_s": BUDGET_CALLS_PER_S,

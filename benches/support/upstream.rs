@@ -7,7 +7,9 @@
 //! Models: `fast` writes each token as its own chunk (one write per token, as
 //! a model server does), `burst` writes the whole answer at once, `slow`
 //! writes the first token and then holds the stream open until the
-//! connection closes or the upstream stops.
+//! connection closes or the upstream stops, `paced` writes each token
+//! [`PACE`] after the one before (a model server's pace, so that a burst of
+//! calls finds the cores far from busy).
 //!
 //! Faults, for the soak: `fail500` answers HTTP 500, `reset` writes three
 //! tokens and then breaks the connection off mid-stream (no end chunk),
@@ -23,7 +25,7 @@ use std::{
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -46,6 +48,9 @@ const BACKLOG: u32 = 4096;
 /// Token texts, cycled; short words like a real tokenizer's.
 const WORDS: [&str; 10] =
     ["lorem ", "ipsum ", "dolor ", "sit ", "amet ", "con", "sectetur ", "adi", "piscing ", "elit "];
+
+/// Time between the tokens of the `paced` model.
+pub const PACE: Duration = Duration::from_millis(10);
 
 /// What the upstream saw; read by the bench to check and to time.
 #[derive(Default)]
@@ -214,6 +219,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let body = match request.model.as_str() {
         "fast" => SseBody::stream(script.chunks.clone(), None, true),
         "burst" => SseBody::stream(script.whole.clone(), None, false),
+        "paced" => SseBody::stream(script.chunks.clone(), None, false).paced(PACE),
         "slow" | "hang" => {
             let hold = Hold {
                 stats: shared.stats.clone(),
@@ -289,11 +295,30 @@ pub struct SseBody {
     /// Break the connection off before this chunk.
     reset_at: Option<usize>,
     stats: Option<Arc<Stats>>,
+    /// The wait before each chunk after the first, and the timer of the
+    /// current one.
+    pace: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl SseBody {
     fn stream(chunks: Arc<[Bytes]>, hold: Option<Hold>, flush_each: bool) -> Self {
-        Self { chunks, next: 0, flush_each, yielded: false, hold, reset_at: None, stats: None }
+        Self {
+            chunks,
+            next: 0,
+            flush_each,
+            yielded: false,
+            hold,
+            reset_at: None,
+            stats: None,
+            pace: None,
+            timer: None,
+        }
+    }
+
+    fn paced(mut self, pace: Duration) -> Self {
+        self.pace = Some(pace);
+        self
     }
 
     fn counted(mut self, stats: Arc<Stats>) -> Self {
@@ -333,6 +358,15 @@ impl Body for SseBody {
             if std::mem::take(&mut hold.holding) {
                 hold.stats.held.fetch_sub(1, Ordering::Relaxed);
             }
+        }
+        if this.next > 0
+            && let Some(pace) = this.pace
+        {
+            let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(pace)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.timer = None;
         }
         if this.next > 0 && this.flush_each && !std::mem::replace(&mut this.yielded, true) {
             cx.waker().wake_by_ref();
