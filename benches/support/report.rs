@@ -109,6 +109,8 @@ pub struct Memory {
     pub idle_kib: u64,
     pub levels: Vec<MemoryLevel>,
     pub after_release_kib: u64,
+    /// 15 s later, idle.
+    pub after_idle_kib: u64,
     pub open_errors: u64,
     pub first_error: Option<String>,
     pub note: Option<String>,
@@ -391,6 +393,7 @@ impl Report {
                 );
             }
             let _ = writeln!(out, "  {:<28} {:>10}", "after the streams closed", mib(mem.after_release_kib));
+            let _ = writeln!(out, "  {:<28} {:>10}", "15 s later, idle", mib(mem.after_idle_kib));
             if let Some(note) = &mem.note {
                 let _ = writeln!(out, "  note: {note}");
             }
@@ -767,6 +770,7 @@ impl Report {
                     "open_time_s": l.open_time_s,
                 })).collect::<Vec<_>>(),
                 "after_release_rss_kib": mem.after_release_kib,
+                "after_idle_rss_kib": mem.after_idle_kib,
                 "open_errors": mem.open_errors,
                 "first_error": mem.first_error,
                 "note": mem.note,
