@@ -10,10 +10,14 @@
 # config at /etc/llm-gateway/config.yaml and points LLM_GATEWAY_CONFIG at it.
 
 # ---- build: the toolchain, the sources, `cargo build --release --locked` ----
-# rust:*-slim-bookworm carries gcc and libc6-dev (ring compiles C); the proto
+# rust:*-slim-bookworm carries gcc and libc6-dev (ring and jemalloc compile C); the proto
 # is compiled by protox in build.rs, so no protoc is needed. Bookworm matches
 # the runtime's glibc.
 FROM rust:1.89-slim-bookworm AS build
+# make: jemalloc, the default allocator (tikv-jemalloc-sys), builds with it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the build reads: the manifest and lockfile, build.rs, the proto,
 # the sources. The test and bench sources are there because Cargo.toml names
