@@ -20,6 +20,8 @@ pub(crate) struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// `requirepass`, when set.
+    password: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -29,18 +31,31 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub(crate) async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A server that refuses every command until a client sends `password`.
+    pub(crate) async fn with_password(password: &str) -> Self {
+        Self::start_with(Some(password.to_owned())).await
+    }
+
+    async fn start_with(password: Option<String>) -> Self {
         let dir = tempfile::tempdir().expect("a data directory");
         let mut port = free_port();
         while port == 6379 {
             port = free_port();
         }
-        let mut server = Self { port, dir, child: None };
+        let mut server = Self { port, dir, child: None, password };
         server.spawn().await;
         server
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -54,7 +69,8 @@ impl RedisServer {
             });
         self.child = Some(child);
         let addr = self.addr();
-        eventually(START_BOUND, "redis-server to answer PING", async || ping(addr).await).await;
+        let auth = self.password.as_deref().map(|p| format!("AUTH {p}\r\n")).unwrap_or_default();
+        eventually(START_BOUND, "redis-server to answer PING", async || ping(addr, &auth).await).await;
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
@@ -96,7 +112,11 @@ impl RedisServer {
 
     /// A command run by a client of its own, for assertions.
     pub(crate) async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
-        let client = redis::Client::open(self.url()).expect("client");
+        let url = match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => self.url(),
+        };
+        let client = redis::Client::open(url).expect("client");
         let mut conn = client.get_multiplexed_async_connection().await.expect("connect to the test redis");
         cmd.query_async(&mut conn).await.expect("query the test redis")
     }
@@ -109,16 +129,19 @@ impl Drop for RedisServer {
     }
 }
 
-async fn ping(addr: SocketAddr) -> bool {
+/// `auth`: an AUTH command sent first, or empty.
+async fn ping(addr: SocketAddr, auth: &str) -> bool {
     let Ok(Ok(mut s)) =
         tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
     else {
         return false;
     };
-    if s.write_all(b"PING\r\n").await.is_err() {
+    if s.write_all(format!("{auth}PING\r\n").as_bytes()).await.is_err() {
         return false;
     }
-    let mut buf = [0u8; 7];
+    // +OK to the AUTH, then +PONG.
+    let want: &[u8] = if auth.is_empty() { b"+PONG\r\n" } else { b"+OK\r\n+PONG\r\n" };
+    let mut buf = vec![0u8; want.len()];
     matches!(tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut buf)).await, Ok(Ok(_)))
-        && &buf == b"+PONG\r\n"
+        && buf == want
 }

@@ -6,8 +6,8 @@
 //! errors) and searches everything the gateway said: stdout, stderr, each
 //! status (message, details, trailers), /metrics and the exported spans.
 //!
-//! The Redis password (`redis.password_env`) is not covered: no Redis client
-//! exists on this branch yet.
+//! The Redis password (`redis.password_env`) has a test of its own: right
+//! (a protected Redis admits calls), wrong, and Redis gone.
 
 use std::path::Path;
 
@@ -20,6 +20,7 @@ use crate::{
     harness::{
         Binary, WAIT, check_config, completion_request, connect, eventually, http, stream_request, within,
     },
+    redis_server::RedisServer,
     trace::Collector,
     upstream::{Reply, Step, Upstream, refused_url},
     wire::openai,
@@ -302,5 +303,73 @@ async fn config_errors_never_quote_proxy_credentials() {
         assert!(!status.success(), "check-config accepted:\n{text}");
         assert!(err.contains("config"), "an error was shown: {err}");
         s.assert_absent(&format!("check-config on\n{text}\n"), &format!("{out}{err}"));
+    }
+}
+
+const REDIS_PW_VAR: &str = "LLMGW_SECRETS_TEST_REDIS_PASSWORD";
+
+/// A call to model `m` of a gateway whose target limit lives in Redis:
+/// the status it ends with, everything it showed.
+async fn limited_call(gw: &Binary) -> (Code, String) {
+    let mut client = LlmGatewayClient::new(connect(gw.grpc).await);
+    match within(WAIT, "a limited call", client.completion(completion_request("m", "hi"))).await {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(status) => (status.code(), shown(&status)),
+    }
+}
+
+#[tokio::test]
+async fn the_redis_password_never_shows() {
+    let right = unique("redis-pw-");
+    let wrong = unique("redis-wrong-");
+    let mut redis = RedisServer::with_password(&right).await;
+    let yaml = format!(
+        "\
+providers:
+  mk:
+    kind: mock
+    limits: {{ rpm: 1000 }}
+models:
+  m:
+    targets: [{{ provider: mk, model: \"lorem?tokens=4\" }}]
+redis: {{ url: \"{}\", password_env: {REDIS_PW_VAR}, failure_mode: closed, timeout: 300ms }}
+",
+        redis.url()
+    );
+    let mut good = Binary::start(&yaml, &[(REDIS_PW_VAR, right.as_str()), ("RUST_LOG", "debug")]).await;
+    let mut bad = Binary::start(&yaml, &[(REDIS_PW_VAR, wrong.as_str()), ("RUST_LOG", "debug")]).await;
+
+    let (code, _) = limited_call(&good).await;
+    assert_eq!(code, Code::Ok, "the right password admits the call");
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*")).await;
+    assert!(!keys.is_empty(), "the admission went through the protected Redis");
+    let (code, wrong_shown) = limited_call(&bad).await;
+    assert_eq!(code, Code::Unavailable, "a wrong password fails closed: {wrong_shown}");
+    redis.stop();
+    let (code, gone_shown) = limited_call(&good).await;
+    assert_eq!(code, Code::Unavailable, "Redis gone fails closed: {gone_shown}");
+
+    let absent = |source: &str, text: &str| {
+        for (what, secret) in [("the Redis password", &right), ("a wrong Redis password", &wrong)] {
+            let half = &secret[..secret.len() / 2 + 4];
+            assert!(!text.contains(half), "{what} appears in {source}:\n{text}");
+        }
+    };
+    absent("the wrong password's refusal", &wrong_shown);
+    absent("the refusal with Redis gone", &gone_shown);
+    for gw in [&mut good, &mut bad] {
+        let metrics = within(WAIT, "GET /metrics", http().get(gw.admin_url("/metrics")).send())
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        absent("/metrics", &metrics);
+        gw.proc.signal("TERM");
+        within(WAIT, "the gateway to exit", gw.proc.exit()).await;
+        let stdout = gw.proc.stdout_text();
+        assert!(stdout.contains("redis"), "the Redis incident was logged: {stdout}");
+        absent("stdout", &stdout);
+        absent("stderr", &gw.proc.stderr_text());
     }
 }
