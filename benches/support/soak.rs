@@ -88,6 +88,10 @@ pub struct Part {
     pub after: Snapshot,
     /// How long the gateway took to settle after the part.
     pub settle_s: f64,
+    /// When RSS was more than 20 % up once settled: how much longer it took
+    /// to come back within 20 % (an allocator that purges on a clock), and
+    /// the RSS then; or the RSS at the bound if it never did.
+    pub rss_later: Option<(Option<f64>, u64)>,
 }
 
 impl Part {
@@ -102,6 +106,12 @@ impl Part {
         self.after.rss_kib as f64 / self.before.rss_kib.max(1) as f64 - 1.0
     }
 
+    /// The RSS change at the last reading: after the purge wait, if any.
+    pub fn final_rss_change(&self) -> f64 {
+        let last = self.rss_later.map_or(self.after.rss_kib, |(_, kib)| kib);
+        last as f64 / self.before.rss_kib.max(1) as f64 - 1.0
+    }
+
     /// Every check of the issue, by name.
     pub fn checks(&self) -> Vec<(&'static str, bool)> {
         vec![
@@ -110,7 +120,7 @@ impl Part {
             ("0 calls in flight", self.after.in_flight == 0.0),
             ("descriptors back", self.unexplained_fds() <= 0),
             ("threads back", self.after.threads <= self.before.threads),
-            ("RSS within 20 %", self.rss_change() <= 0.2),
+            ("RSS within 20 %", self.final_rss_change() <= 0.2),
             ("no call stuck", self.outcomes.get("stuck").copied().unwrap_or(0) == 0),
         ]
     }
@@ -124,6 +134,8 @@ impl Part {
             "settle_s": self.settle_s,
             "unexplained_fds": self.unexplained_fds(),
             "rss_change": self.rss_change(),
+            "rss_back_after_s": self.rss_later.and_then(|(s, _)| s),
+            "final_rss_change": self.final_rss_change(),
             "checks": self.checks().into_iter().map(|(k, v)| (k.to_owned(), Value::from(v))).collect::<serde_json::Map<_, _>>(),
         })
     }
@@ -186,6 +198,22 @@ impl Soak {
                 .into_iter()
                 .map(|(name, ok)| format!("{name} {}", if ok { "✓" } else { "✗" }))
                 .collect();
+            match part.rss_later {
+                Some((Some(s), kib)) => {
+                    let _ =
+                        writeln!(out, "    RSS back within 20 % {s:.1} s later: {}", super::report::mib(kib));
+                }
+                Some((None, kib)) => {
+                    let _ = writeln!(
+                        out,
+                        "    RSS still {} ({:+.1} %) {:.0} s later",
+                        super::report::mib(kib),
+                        part.final_rss_change() * 100.0,
+                        RSS_BOUND.as_secs_f64()
+                    );
+                }
+                None => {}
+            }
             let _ = writeln!(out, "    settled in {:.1} s; {}", part.settle_s, checks.join(", "));
         }
         out
@@ -236,27 +264,60 @@ pub async fn run(gateway: &Gateway, stats: &Stats, plan: &SoakPlan) -> Result<So
     let outcomes = open_loop(clients.clone(), rate, plan.soak_time, plan.max_in_flight).await;
     let settle_s = settle(gateway, stats, plan.settle).await?;
     let after = Snapshot::take(gateway, stats).await?;
+    let rss_later = rss_back(gateway, &before, &after).await?;
     let soak = Part {
         label: format!("soak, {:.0} s", plan.soak_time.as_secs_f64()),
         outcomes,
         before,
         after,
         settle_s,
+        rss_later,
     };
 
     let before = after;
     let outcomes = storm(gateway, stats, plan.storm).await?;
     let settle_s = settle(gateway, stats, plan.settle).await?;
     let after = Snapshot::take(gateway, stats).await?;
+    let rss_later = rss_back(gateway, &before, &after).await?;
     let storm = Part {
         label: format!("storm of {} concurrent cancels", plan.storm),
         outcomes,
         before,
         after,
         settle_s,
+        rss_later,
     };
     drop(clients);
     Ok(Soak { saturation_per_s, rate, duration: plan.soak_time, mix: MIX.to_vec(), parts: vec![soak, storm] })
+}
+
+/// How long the soak waits for RSS to come back within 20 %: jemalloc's
+/// decay returns freed pages over about 10 s.
+const RSS_BOUND: Duration = Duration::from_secs(20);
+
+/// None when `after` is within 20 % of `before`; else polls RSS (bounded by
+/// [`RSS_BOUND`]) until it is: how long that took (None: it never did) and
+/// the last reading.
+async fn rss_back(
+    gateway: &Gateway,
+    before: &Snapshot,
+    after: &Snapshot,
+) -> Result<Option<(Option<f64>, u64)>, BoxError> {
+    let within = |kib: u64| kib as f64 <= before.rss_kib as f64 * 1.2;
+    if within(after.rss_kib) {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let kib = gateway.usage()?.rss_kib;
+        if within(kib) {
+            return Ok(Some((Some(t0.elapsed().as_secs_f64()), kib)));
+        }
+        if t0.elapsed() > RSS_BOUND {
+            return Ok(Some((None, kib)));
+        }
+    }
 }
 
 /// Waits (bounded) for no call in flight and no upstream stream open; returns how long.
