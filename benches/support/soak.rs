@@ -88,10 +88,10 @@ pub struct Part {
     pub after: Snapshot,
     /// How long the gateway took to settle after the part.
     pub settle_s: f64,
-    /// When RSS was more than 20 % up once settled: how much longer it took
-    /// to come back within 20 % (an allocator that purges on a clock), and
-    /// the RSS then; or the RSS at the bound if it never did.
-    pub rss_later: Option<(Option<f64>, u64)>,
+    /// When RSS was more than 20 % up or threads more once settled: the
+    /// readings once both were back (an allocator that purges on a clock,
+    /// tokio's blocking threads that exit after 10 s idle), or at the bound.
+    pub later: Option<Later>,
 }
 
 impl Part {
@@ -108,7 +108,7 @@ impl Part {
 
     /// The RSS change at the last reading: after the purge wait, if any.
     pub fn final_rss_change(&self) -> f64 {
-        let last = self.rss_later.map_or(self.after.rss_kib, |(_, kib)| kib);
+        let last = self.later.map_or(self.after.rss_kib, |l| l.rss_kib);
         last as f64 / self.before.rss_kib.max(1) as f64 - 1.0
     }
 
@@ -119,7 +119,7 @@ impl Part {
             ("0 upstream streams open", self.after.upstream_streams == 0),
             ("0 calls in flight", self.after.in_flight == 0.0),
             ("descriptors back", self.unexplained_fds() <= 0),
-            ("threads back", self.after.threads <= self.before.threads),
+            ("threads back", self.later.map_or(self.after.threads, |l| l.threads) <= self.before.threads),
             ("RSS within 20 %", self.final_rss_change() <= 0.2),
             ("no call stuck", self.outcomes.get("stuck").copied().unwrap_or(0) == 0),
         ]
@@ -134,7 +134,7 @@ impl Part {
             "settle_s": self.settle_s,
             "unexplained_fds": self.unexplained_fds(),
             "rss_change": self.rss_change(),
-            "rss_back_after_s": self.rss_later.and_then(|(s, _)| s),
+            "back_after_s": self.later.and_then(|l| l.after_s),
             "final_rss_change": self.final_rss_change(),
             "checks": self.checks().into_iter().map(|(k, v)| (k.to_owned(), Value::from(v))).collect::<serde_json::Map<_, _>>(),
         })
@@ -198,21 +198,18 @@ impl Soak {
                 .into_iter()
                 .map(|(name, ok)| format!("{name} {}", if ok { "✓" } else { "✗" }))
                 .collect();
-            match part.rss_later {
-                Some((Some(s), kib)) => {
-                    let _ =
-                        writeln!(out, "    RSS back within 20 % {s:.1} s later: {}", super::report::mib(kib));
-                }
-                Some((None, kib)) => {
-                    let _ = writeln!(
-                        out,
-                        "    RSS still {} ({:+.1} %) {:.0} s later",
-                        super::report::mib(kib),
-                        part.final_rss_change() * 100.0,
-                        RSS_BOUND.as_secs_f64()
-                    );
-                }
-                None => {}
+            if let Some(l) = part.later {
+                let when = match l.after_s {
+                    Some(s) => format!("back {s:.1} s later"),
+                    None => format!("not back {:.0} s later", LATER_BOUND.as_secs_f64()),
+                };
+                let _ = writeln!(
+                    out,
+                    "    {when}: RSS {} ({:+.1} %), {} threads",
+                    super::report::mib(l.rss_kib),
+                    part.final_rss_change() * 100.0,
+                    l.threads
+                );
             }
             let _ = writeln!(out, "    settled in {:.1} s; {}", part.settle_s, checks.join(", "));
         }
@@ -264,58 +261,70 @@ pub async fn run(gateway: &Gateway, stats: &Stats, plan: &SoakPlan) -> Result<So
     let outcomes = open_loop(clients.clone(), rate, plan.soak_time, plan.max_in_flight).await;
     let settle_s = settle(gateway, stats, plan.settle).await?;
     let after = Snapshot::take(gateway, stats).await?;
-    let rss_later = rss_back(gateway, &before, &after).await?;
+    let later = back_later(gateway, &before, &after).await?;
     let soak = Part {
         label: format!("soak, {:.0} s", plan.soak_time.as_secs_f64()),
         outcomes,
         before,
         after,
         settle_s,
-        rss_later,
+        later,
     };
 
     let before = after;
     let outcomes = storm(gateway, stats, plan.storm).await?;
     let settle_s = settle(gateway, stats, plan.settle).await?;
     let after = Snapshot::take(gateway, stats).await?;
-    let rss_later = rss_back(gateway, &before, &after).await?;
+    let later = back_later(gateway, &before, &after).await?;
     let storm = Part {
         label: format!("storm of {} concurrent cancels", plan.storm),
         outcomes,
         before,
         after,
         settle_s,
-        rss_later,
+        later,
     };
     drop(clients);
     Ok(Soak { saturation_per_s, rate, duration: plan.soak_time, mix: MIX.to_vec(), parts: vec![soak, storm] })
 }
 
-/// How long the soak waits for RSS to come back within 20 %: jemalloc's
-/// decay returns freed pages over about 10 s.
-const RSS_BOUND: Duration = Duration::from_secs(20);
+/// How long the soak waits for RSS and threads to come back: jemalloc's
+/// decay returns freed pages over about 10 s, and tokio's blocking threads
+/// exit after 10 s idle.
+const LATER_BOUND: Duration = Duration::from_secs(20);
 
-/// None when `after` is within 20 % of `before`; else polls RSS (bounded by
-/// [`RSS_BOUND`]) until it is: how long that took (None: it never did) and
-/// the last reading.
-async fn rss_back(
+/// What a part's RSS and threads came back to, after the settle.
+#[derive(Clone, Copy, Debug)]
+pub struct Later {
+    /// Seconds after the settle; None: not back within [`LATER_BOUND`].
+    pub after_s: Option<f64>,
+    pub rss_kib: u64,
+    pub threads: u64,
+}
+
+/// None when `after` already has RSS within 20 % of `before` and no more
+/// threads; else polls (bounded by [`LATER_BOUND`]) until it has.
+async fn back_later(
     gateway: &Gateway,
     before: &Snapshot,
     after: &Snapshot,
-) -> Result<Option<(Option<f64>, u64)>, BoxError> {
-    let within = |kib: u64| kib as f64 <= before.rss_kib as f64 * 1.2;
-    if within(after.rss_kib) {
+) -> Result<Option<Later>, BoxError> {
+    let back = |rss_kib: u64, threads: u64| {
+        rss_kib as f64 <= before.rss_kib as f64 * 1.2 && threads <= before.threads
+    };
+    if back(after.rss_kib, after.threads) {
         return Ok(None);
     }
     let t0 = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let kib = gateway.usage()?.rss_kib;
-        if within(kib) {
-            return Ok(Some((Some(t0.elapsed().as_secs_f64()), kib)));
+        let usage = gateway.usage()?;
+        let (rss_kib, threads) = (usage.rss_kib, usage.threads);
+        if back(rss_kib, threads) {
+            return Ok(Some(Later { after_s: Some(t0.elapsed().as_secs_f64()), rss_kib, threads }));
         }
-        if t0.elapsed() > RSS_BOUND {
-            return Ok(Some((None, kib)));
+        if t0.elapsed() > LATER_BOUND {
+            return Ok(Some(Later { after_s: None, rss_kib, threads }));
         }
     }
 }
