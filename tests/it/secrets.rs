@@ -142,6 +142,16 @@ models:
     )
 }
 
+/// The gateway's `/metrics` page.
+async fn metrics_page(gw: &Binary) -> String {
+    within(WAIT, "GET /metrics", http().get(gw.admin_url("/metrics")).send())
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 fn authorized<T>(message: T, value: &str) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut().insert("authorization", value.parse().expect("ascii"));
@@ -251,12 +261,7 @@ async fn no_secret_reaches_logs_errors_metrics_or_spans() {
         s.assert_absent(&format!("what the caller of {what} was shown"), text);
     }
 
-    let metrics = within(WAIT, "GET /metrics", http().get(gw.admin_url("/metrics")).send())
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_page(&gw).await;
     assert!(metrics.contains("llm_gateway_"), "{metrics}");
     s.assert_absent("/metrics", &metrics);
 
@@ -358,13 +363,7 @@ redis: {{ url: \"{}\", password_env: {REDIS_PW_VAR}, failure_mode: closed, timeo
     absent("the wrong password's refusal", &wrong_shown);
     absent("the refusal with Redis gone", &gone_shown);
     for gw in [&mut good, &mut bad] {
-        let metrics = within(WAIT, "GET /metrics", http().get(gw.admin_url("/metrics")).send())
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        absent("/metrics", &metrics);
+        absent("/metrics", &metrics_page(gw).await);
         gw.proc.signal("TERM");
         within(WAIT, "the gateway to exit", gw.proc.exit()).await;
         let stdout = gw.proc.stdout_text();
