@@ -655,30 +655,32 @@ async fn tracing_cost(
     Ok(out)
 }
 
-/// Issue #12: the same workload with no limits, then with a client key, key
-/// limits, target limits and prices kept locally, then the same on a Redis
-/// on loopback (`failure_mode: closed`, so any Redis trouble shows as
-/// errors). The limits sit far above the load: only admission's cost is
-/// measured, never a refusal.
+/// Issue #12: the same workload with no limits, then with what #12 item 10
+/// and #17 item 3 name (a client key with limits, one target's limits,
+/// prices) kept locally, then the same on a Redis on loopback
+/// (`failure_mode: closed`, so any Redis trouble shows as errors), then on
+/// Redis with every limit there is (the provider's own limits too, and a
+/// budget on the key). The limits sit far above the load: only admission's
+/// cost is measured, never a refusal.
 async fn admission_cost(
     options: &Options,
     plan: &Plan,
     config: &str,
 ) -> Result<Vec<report::TracingVariant>, BoxError> {
     const KEY: &str = "bench-key";
+    const LIMITS: &str = "{rpm: 100000000, tpm: 100000000000, concurrency: 100000}";
     let bin = Path::new(GATEWAY_BIN);
     let redis = support::redis::Redis::start().await?;
     let digest = support::sha256_hex(KEY);
-    let limited = |shared: bool| {
+    let limited = |shared: bool, all: bool| {
+        let provider = if all { format!("limits: {LIMITS}, ") } else { String::new() };
         let mut c = config.replace(
             "up: {kind: openai, base_url:",
-            "up: {limits: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}, \
-             model_limits: {fast: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}}, kind: openai, base_url:",
+            &format!("up: {{{provider}model_limits: {{fast: {LIMITS}}}, kind: openai, base_url:"),
         );
+        let budget = if all { ", budget: {usd: 1000000, tokens: 100000000000000, window: 30d}" } else { "" };
         c.push_str(&format!(
-            "api_keys: [{{name: bench, key_sha256: \"{digest}\", \
-             limits: {{rpm: 100000000, tpm: 100000000000, concurrency: 100000}}, \
-             budget: {{usd: 1000000, tokens: 100000000000000, window: 30d}}}}]\n\
+            "api_keys: [{{name: bench, key_sha256: \"{digest}\", limits: {LIMITS}{budget}}}]\n\
              prices: [{{provider: up, model: fast, input: 0.15, output: 0.60, cached_input: 0.075}}]\n"
         ));
         if shared {
@@ -691,8 +693,9 @@ async fn admission_cost(
     };
     let variants = [
         ("no limits", config.to_owned(), None),
-        ("limits, local", limited(false), Some(KEY)),
-        ("limits, Redis", limited(true), Some(KEY)),
+        ("limits, local", limited(false, false), Some(KEY)),
+        ("limits, Redis", limited(true, false), Some(KEY)),
+        ("all, Redis", limited(true, true), Some(KEY)),
     ];
     let mut out = Vec::new();
     for (label, config, key) in variants {

@@ -543,7 +543,8 @@ impl Report {
         let _ = writeln!(
             out,
             "\nFeature cost: tracing (exporter off / on / collector down) and admission (no limits /\n\
-             limits local / limits on Redis); a fresh gateway per row; OpenAI per-token; TTFT through the\n\
+             key and target limits and prices, local / on Redis; all: provider limits and a budget too);\n\
+             a fresh gateway per row; OpenAI per-token; TTFT through the\n\
              gateway at c=1, saturation at c={c}"
         );
         let worst =

@@ -42,9 +42,9 @@ pub struct RedisKeys {
 impl RedisKeys {
     pub fn new(prefix: &str, id: &str) -> Self {
         Self {
-            rate: format!("{{{prefix}}}:v1:rate:{id}"),
-            conc: format!("{{{prefix}}}:v1:conc:{id}"),
-            budget: format!("{{{prefix}}}:v1:budget:{id}"),
+            rate: format!("{{{prefix}}}:v2:rate:{id}"),
+            conc: format!("{{{prefix}}}:v2:conc:{id}"),
+            budget: format!("{{{prefix}}}:v2:budget:{id}"),
         }
     }
 }

@@ -25,8 +25,8 @@ use super::{
 };
 use crate::{config::RedisConfig, telemetry::metrics::Metrics};
 
-/// The script, named with its version (its first line says `llmgw_charge_v1`).
-const SCRIPT: &str = include_str!("charge_v1.lua");
+/// The script, named with its version (its first line says `llmgw_charge_v2`).
+const SCRIPT: &str = include_str!("charge_v2.lua");
 
 /// How long Redis is left alone after a failure before one call probes it.
 const PROBE_AFTER: Duration = Duration::from_millis(500);
@@ -258,7 +258,7 @@ fn command(op: &Op, verb: &str, script: &str) -> redis::Cmd {
     cmd
 }
 
-/// The script's answer (see the header of `charge_v1.lua`).
+/// The script's answer (see the header of `charge_v2.lua`).
 fn decode(reply: &[i64]) -> Option<Result<Granted, Denial>> {
     match *reply {
         [1, now_sec, tokens, nano_usd, window] => {
@@ -319,6 +319,6 @@ mod tests {
 
     #[test]
     fn the_script_says_its_name_and_version() {
-        assert!(SCRIPT.starts_with("-- llmgw_charge_v1:"));
+        assert!(SCRIPT.starts_with("-- llmgw_charge_v2:"));
     }
 }

@@ -216,13 +216,13 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit() {
     eventually(WAIT, "every settle to land", async || sample(&scrape(&a).await, series) == Some(trips)).await;
     // Every key of one admission shares one hash tag (one Cluster slot).
     let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*")).await;
-    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("{llmgw}:v1:")), "{keys:?}");
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("{llmgw}:v2:")), "{keys:?}");
     // A Redis that lost its scripts (restart, failover): EVALSHA fails with
     // NOSCRIPT and the step is sent again whole, with EVAL.
     let _: () = redis.query(redis::cmd("FLUSHALL").arg("SYNC")).await;
     let _: () = redis.query(redis::cmd("SCRIPT").arg("FLUSH")).await;
     call(&b, "key-a", "m").await.expect("admitted: the counts were flushed");
-    let sha = redis::Script::new(include_str!("../../src/admission/charge_v1.lua")).get_hash().to_owned();
+    let sha = redis::Script::new(include_str!("../../src/admission/charge_v2.lua")).get_hash().to_owned();
     let exists: Vec<i64> = redis.query(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)).await;
     assert_eq!(exists, [1], "EVAL brought the script back");
 }
@@ -352,4 +352,92 @@ async fn a_cancelled_stream_is_charged_what_it_streamed_and_a_finished_one_its_c
         (11.0..=14.0).contains(&charged),
         "charged {charged}: the input estimate and about 3 tokens streamed"
     );
+}
+
+/// Runs the charge script once with one charge on `{llmgw}:v2:rate:s` (and
+/// `conc:s`), for ticket `member`. Returns the script's answer.
+async fn charge(redis: &RedisServer, member: &str, [rpm, tpm, cc, tokens]: [i64; 4]) -> Vec<i64> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(include_str!("../../src/admission/charge_v2.lua"))
+        .arg(2)
+        .arg("{llmgw}:v2:rate:s")
+        .arg("{llmgw}:v2:conc:s")
+        .arg(&[member, "60000", "0", "1", "0"])
+        .arg(&[rpm, tpm, cc, tokens]);
+    redis.query(&cmd).await
+}
+
+async fn charge_once(redis: &RedisServer, rpm: i64, tpm: i64, tokens: i64) -> Vec<i64> {
+    charge(redis, "t1", [rpm, tpm, -1, tokens]).await
+}
+
+async fn rate_fields(redis: &RedisServer) -> std::collections::HashMap<String, i64> {
+    redis.query(redis::cmd("HGETALL").arg("{llmgw}:v2:rate:s")).await
+}
+
+#[tokio::test]
+async fn the_script_takes_aged_buckets_off_its_sums() {
+    let redis = RedisServer::start().await;
+    let time: Vec<i64> = redis.query(&redis::cmd("TIME")).await;
+    let now = time[0];
+    // 70 s ago: out of the window; 10 s ago: in it.
+    let (old, recent) = (now - 70, now - 10);
+    let mut seed = redis::cmd("HSET");
+    seed.arg("{llmgw}:v2:rate:s")
+        .arg(&[format!("r{old}"), "5".into(), format!("t{old}"), "100".into()])
+        .arg(&[format!("r{recent}"), "2".into(), format!("t{recent}"), "50".into()])
+        .arg(&["R", "7", "T", "150", "o"])
+        .arg(old);
+    let _: i64 = redis.query(&seed).await;
+    // Only the recent bucket counts: 2 requests + 1 fits rpm 3.
+    let granted = charge_once(&redis, 3, 1000, 10).await;
+    assert_eq!(granted[0], 1, "{granted:?}");
+    let fields = rate_fields(&redis).await;
+    assert_eq!(fields.get("R"), Some(&3), "{fields:?}");
+    assert_eq!(fields.get("T"), Some(&60), "{fields:?}");
+    assert!(
+        !fields.contains_key(&format!("r{old}")) && !fields.contains_key(&format!("t{old}")),
+        "{fields:?}"
+    );
+    assert!(fields.get("o").is_some_and(|&o| o >= now - 60), "{fields:?}");
+    // A fourth request within the minute is refused, with the time until
+    // the recent bucket ages out (about 51 s).
+    let refused = charge_once(&redis, 3, 1000, 10).await;
+    assert_eq!(refused[..3], [0, 1, 1], "{refused:?}");
+    assert!((45_000..=52_000).contains(&refused[3]), "{refused:?}");
+    // tpm: 60 used, 950 more would pass 1000.
+    let refused = charge_once(&redis, 10, 1000, 950).await;
+    assert_eq!(refused[..3], [0, 1, 2], "{refused:?}");
+    // After a clock jump (an oldest second far in the past) every bucket
+    // is counted again, and the sums come out the same.
+    let _: i64 = redis.query(redis::cmd("HSET").arg("{llmgw}:v2:rate:s").arg(&["R", "999", "o", "1"])).await;
+    let granted = charge_once(&redis, 10, 1000, 5).await;
+    assert_eq!(granted[0], 1, "{granted:?}");
+    let fields = rate_fields(&redis).await;
+    assert_eq!((fields.get("R"), fields.get("T")), (Some(&4), Some(&65)), "{fields:?}");
+}
+
+#[tokio::test]
+async fn the_script_counts_live_leases_and_purges_those_that_ran_out() {
+    let redis = RedisServer::start().await;
+    let time: Vec<i64> = redis.query(&redis::cmd("TIME")).await;
+    let now_ms = time[0] * 1000 + time[1] / 1000;
+    // Two leases of a replica that died (ended a second ago), one live.
+    let mut seed = redis::cmd("ZADD");
+    seed.arg("{llmgw}:v2:conc:s").arg(now_ms - 1000).arg("dead-1").arg(now_ms - 1000).arg("dead-2");
+    seed.arg(now_ms + 60_000).arg("live");
+    let _: i64 = redis.query(&seed).await;
+    // Concurrency 3: the dead leases are purged, so two more fit.
+    assert_eq!(charge(&redis, "a", [-1, -1, 3, 1]).await[0], 1);
+    assert_eq!(charge(&redis, "b", [-1, -1, 3, 1]).await[0], 1);
+    let members: Vec<String> =
+        redis.query(redis::cmd("ZRANGE").arg("{llmgw}:v2:conc:s").arg(0).arg(-1)).await;
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(!members.iter().any(|m| m.starts_with("dead")), "{members:?}");
+    // Full: a new ticket is refused, one already holding a slot is not.
+    let refused = charge(&redis, "c", [-1, -1, 3, 1]).await;
+    assert_eq!(refused[..3], [0, 1, 3], "{refused:?}");
+    assert_eq!(charge(&redis, "a", [-1, -1, 3, 1]).await[0], 1);
+    let ttl: i64 = redis.query(redis::cmd("PTTL").arg("{llmgw}:v2:conc:s")).await;
+    assert!(ttl > 60_000, "the set outlives its longest lease: {ttl}");
 }
