@@ -191,7 +191,16 @@ async fn usage_carries_cost_from_prices_and_budgets_refuse_when_spent() {
 
 #[tokio::test]
 async fn two_gateways_sharing_redis_admit_exactly_the_limit() {
-    let redis = RedisServer::start().await;
+    two_gateways_share_one_limit(RedisServer::start().await).await;
+}
+
+/// The same on Valkey 8, which the contract names beside Redis 7.
+#[tokio::test]
+async fn two_gateways_sharing_valkey_admit_exactly_the_limit() {
+    two_gateways_share_one_limit(RedisServer::valkey().await).await;
+}
+
+async fn two_gateways_share_one_limit(redis: RedisServer) {
     let text = config("", [", limits: { rpm: 5 }", "", ""], &redis_section(&redis, "closed", 2));
     let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
     let (mut admitted, mut on_a) = (0, (0, 0));
@@ -377,7 +386,15 @@ async fn rate_fields(redis: &RedisServer) -> std::collections::HashMap<String, i
 
 #[tokio::test]
 async fn the_script_takes_aged_buckets_off_its_sums() {
-    let redis = RedisServer::start().await;
+    aged_buckets_come_off_the_sums(RedisServer::start().await).await;
+}
+
+#[tokio::test]
+async fn the_script_takes_aged_buckets_off_its_sums_on_valkey() {
+    aged_buckets_come_off_the_sums(RedisServer::valkey().await).await;
+}
+
+async fn aged_buckets_come_off_the_sums(redis: RedisServer) {
     let time: Vec<i64> = redis.query(&redis::cmd("TIME")).await;
     let now = time[0];
     // 70 s ago: out of the window; 10 s ago: in it.

@@ -1,7 +1,7 @@
-//! A real `redis-server` per test: on a free loopback port (never 6379),
-//! with a data directory of its own, no persistence, killed on drop. It can
-//! be stopped, paused (SIGSTOP: it accepts and never answers) and started
-//! again on the same port.
+//! A real `redis-server` (or `valkey-server`) per test: on a free loopback
+//! port (never 6379), with a data directory of its own, no persistence,
+//! killed on drop. It can be stopped, paused (SIGSTOP: it accepts and never
+//! answers) and started again on the same port.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -22,6 +22,8 @@ pub(crate) struct RedisServer {
     child: Option<Child>,
     /// `requirepass`, when set.
     password: Option<String>,
+    /// `redis-server` or `valkey-server`.
+    program: &'static str,
 }
 
 fn free_port() -> u16 {
@@ -31,27 +33,32 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub(crate) async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with(None, "redis-server").await
+    }
+
+    /// Valkey, the fork the contract names beside Redis 7.
+    pub(crate) async fn valkey() -> Self {
+        Self::start_with(None, "valkey-server").await
     }
 
     /// A server that refuses every command until a client sends `password`.
     pub(crate) async fn with_password(password: &str) -> Self {
-        Self::start_with(Some(password.to_owned())).await
+        Self::start_with(Some(password.to_owned()), "redis-server").await
     }
 
-    async fn start_with(password: Option<String>) -> Self {
+    async fn start_with(password: Option<String>, program: &'static str) -> Self {
         let dir = tempfile::tempdir().expect("a data directory");
         let mut port = free_port();
         while port == 6379 {
             port = free_port();
         }
-        let mut server = Self { port, dir, child: None, password };
+        let mut server = Self { port, dir, child: None, password, program };
         server.spawn().await;
         server
     }
 
     async fn spawn(&mut self) {
-        let mut command = Command::new("redis-server");
+        let mut command = Command::new(self.program);
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
@@ -65,12 +72,16 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): install it (Debian: apt-get install redis-server; .ci/run does)")
+                panic!(
+                    "cannot start {} ({e}): install it (Debian: apt-get install {0}, from bookworm-backports for \
+                     valkey-server on bookworm; .ci/run does)",
+                    self.program
+                )
             });
         self.child = Some(child);
         let addr = self.addr();
         let auth = self.password.as_deref().map(|p| format!("AUTH {p}\r\n")).unwrap_or_default();
-        eventually(START_BOUND, "redis-server to answer PING", async || ping(addr, &auth).await).await;
+        eventually(START_BOUND, "the server to answer PING", async || ping(addr, &auth).await).await;
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
