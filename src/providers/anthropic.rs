@@ -65,7 +65,7 @@ impl Provider for Anthropic {
         };
         let mut request = e
             .client
-            .post(&e.url)
+            .post(e.target.clone())
             .headers(call.headers)
             .header("anthropic-version", VERSION)
             .header("accept", "text/event-stream")

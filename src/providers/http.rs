@@ -38,7 +38,13 @@ pub(crate) struct Endpoint {
     /// Through the proxy, when there is one.
     pub client: Client,
     pub url: String,
+    /// `url`, parsed once: a request to it copies it instead of parsing it.
+    pub target: reqwest::Url,
     pub api_key: Option<String>,
+    /// `Bearer <key>`, marked sensitive, built once.
+    pub bearer: Option<HeaderValue>,
+    /// The key again, shared with every call's redaction.
+    redact: Option<Arc<str>>,
     pub server: Option<(String, u16)>,
     fallback: Option<Arc<Fallback>>,
 }
@@ -63,10 +69,27 @@ impl Endpoint {
             })),
             _ => None,
         };
+        let url = format!("{base}{path}");
+        let target = reqwest::Url::parse(&url)
+            .map_err(|e| ProviderError::Setup(format!("providers.{name}.base_url: {e}")))?;
+        let api_key = api_key(config)?;
+        let bearer = match &api_key {
+            Some(key) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    ProviderError::Setup("the API key holds characters a header cannot carry".into())
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
         Ok(Self {
             client: client(config, config.proxy.as_deref().map_or(Route::Default, Route::Proxy))?,
-            url: format!("{base}{path}"),
-            api_key: api_key(config)?,
+            url,
+            target,
+            redact: api_key.as_deref().map(Arc::from),
+            api_key,
+            bearer,
             server: server_of(base),
             fallback,
         })
@@ -82,7 +105,7 @@ impl Endpoint {
         translator: T,
     ) -> BoxFuture<'static, Result<DeltaStream, ProviderError>> {
         let response = self.send(request);
-        let key: Option<Arc<str>> = self.api_key.as_deref().map(Arc::from);
+        let key = self.redact.clone();
         async move {
             let deltas = sse::deltas(response.await?, translator);
             // An upstream may quote the key in an error event mid-stream too.
@@ -103,7 +126,7 @@ impl Endpoint {
         request: RequestBuilder,
     ) -> impl Future<Output = Result<Response, ProviderError>> + Send + 'static {
         let fallback = self.fallback.clone();
-        let key: Option<Arc<str>> = self.api_key.as_deref().map(Arc::from);
+        let key = self.redact.clone();
         async move {
             let sent = match fallback {
                 None => send(request).await,

@@ -44,12 +44,12 @@ impl Provider for OpenAi {
         let e = &self.endpoint;
         let mut request = e
             .client
-            .post(&e.url)
+            .post(e.target.clone())
             .headers(call.headers)
             .header("accept", "text/event-stream")
             .json(&body(&call.request, &call.model));
-        if let Some(key) = &e.api_key {
-            request = request.bearer_auth(key);
+        if let Some(bearer) = &e.bearer {
+            request = request.header(reqwest::header::AUTHORIZATION, bearer.clone());
         }
         e.open(request, Translator::default())
     }
