@@ -6,6 +6,8 @@
 //! trip has its own timeout. After a failure Redis is left alone for a
 //! short while (each call then decides at once by `failure_mode`), and one
 //! call probes it again; the connection manager reconnects by itself.
+//! With `cluster: true` the same goes through a Cluster client: every key
+//! of a step carries one hash tag, so a step is one slot on one node.
 
 use std::{
     sync::{Arc, Mutex},
@@ -59,8 +61,32 @@ enum Health {
     },
 }
 
+/// One node (the connection manager reconnects by itself) or a Cluster
+/// (its client learns the nodes from the one configured, follows MOVED and
+/// ASK, and reconnects by itself; connected on first use).
+enum Conn {
+    Single(ConnectionManager),
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    },
+}
+
+impl Conn {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(conn) => cmd.query_async(&mut conn.clone()).await,
+            Conn::Cluster { client, conn } => {
+                // A failed connect leaves the cell empty: the next call tries again.
+                let conn = conn.get_or_try_init(|| client.get_async_connection()).await?;
+                cmd.query_async(&mut conn.clone()).await
+            }
+        }
+    }
+}
+
 pub struct Shared {
-    conn: ConnectionManager,
+    conn: Conn,
     timeout: Duration,
     sha: String,
     health: Mutex<Health>,
@@ -86,15 +112,27 @@ impl Shared {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(|e| SetupError::Url(e.to_string()))?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(PROBE_AFTER);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)
-            .map_err(|e| SetupError::Url(e.to_string()))?;
+        let conn = if config.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new([info])
+                .connection_timeout(config.timeout)
+                .response_timeout(config.timeout)
+                .retries(1)
+                .build()
+                .map_err(|e| SetupError::Url(e.to_string()))?;
+            Conn::Cluster { client, conn: tokio::sync::OnceCell::new() }
+        } else {
+            let client = redis::Client::open(info).map_err(|e| SetupError::Url(e.to_string()))?;
+            let manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.timeout))
+                .set_response_timeout(Some(config.timeout))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(PROBE_AFTER);
+            Conn::Single(
+                ConnectionManager::new_lazy_with_config(client, manager)
+                    .map_err(|e| SetupError::Url(e.to_string()))?,
+            )
+        };
         let sha = redis::Script::new(SCRIPT).get_hash().to_owned();
         metrics.admission.redis_up(true);
         Ok(Self { conn, timeout: config.timeout, sha, health: Mutex::new(Health::Up), metrics })
@@ -103,9 +141,8 @@ impl Shared {
     /// Connects now (bounded by the timeout), so the first call does not
     /// pay for it; a failure is logged and counted like any incident.
     pub async fn connect(&self) {
-        let mut conn = self.conn.clone();
         let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
+        let ping = self.conn.query::<String>(&cmd);
         match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -140,10 +177,9 @@ impl Shared {
     }
 
     async fn eval(&self, op: &Op) -> redis::RedisResult<Vec<i64>> {
-        let mut conn = self.conn.clone();
-        match command(op, "EVALSHA", &self.sha).query_async(&mut conn).await {
+        match self.conn.query(&command(op, "EVALSHA", &self.sha)).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                command(op, "EVAL", SCRIPT).query_async(&mut conn).await
+                self.conn.query(&command(op, "EVAL", SCRIPT)).await
             }
             other => other,
         }

@@ -397,6 +397,9 @@ fn validate_admission(c: &Config) -> Result<(), (Vec<String>, String)> {
     if let Some(r) = &c.redis {
         let at = |field: &str| path(&["redis", field]);
         match reqwest::Url::parse(&r.url) {
+            Ok(u) if u.scheme() == "redis" && r.cluster && !matches!(u.path(), "" | "/" | "/0") => {
+                return Err((at("url"), "a Redis Cluster has database 0 only: drop the /N".into()));
+            }
             Ok(u) if u.scheme() == "redis" => {}
             Ok(u) if u.scheme() == "rediss" => {
                 return Err((at("url"), "TLS to Redis (rediss://) is not built in; use redis://".into()));
@@ -797,6 +800,7 @@ api_keys:
             ("redis:\n  url: redis://r:6379\n  password_env: \"p w\"\n", "redis.password_env", 21),
             ("redis:\n  url: redis://r:6379\n  key_prefix: \"{x}\"\n", "redis.key_prefix", 21),
             ("redis:\n  url: redis://r:6379\n  replicas: 0\n", "redis.replicas", 21),
+            ("redis:\n  url: redis://r:6379/2\n  cluster: true\n", "redis.url", 20),
         ];
         for (add, key, line) in tail {
             let e = parse(&format!("{GOOD}{add}"), None).unwrap_err();

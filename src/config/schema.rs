@@ -481,6 +481,10 @@ pub struct RedisConfig {
     /// enforces `limit / replicas` (rounded up) on its own.
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// `url` is one node of a Redis Cluster: the client learns the others
+    /// from it and follows the slot's owner.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 fn default_key_prefix() -> String {

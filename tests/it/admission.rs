@@ -11,7 +11,7 @@ use tonic_types::StatusExt;
 use crate::{
     harness::{Gateway, WAIT, completion_request, eventually, md, stream_request, within},
     metrics::{sample, scrape},
-    redis_server::RedisServer,
+    redis_server::{RedisCluster, RedisServer},
 };
 
 /// The keys' names; each key is its own name.
@@ -234,6 +234,34 @@ async fn two_gateways_share_one_limit(redis: RedisServer) {
     let sha = redis::Script::new(include_str!("../../src/admission/charge_v2.lua")).get_hash().to_owned();
     let exists: Vec<i64> = redis.query(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)).await;
     assert_eq!(exists, [1], "EVAL brought the script back");
+}
+
+/// `cluster: true`, seeded with a node that does not own the hash tag's
+/// slot: the client must learn the cluster and follow MOVED to the owner.
+#[tokio::test]
+async fn two_gateways_sharing_a_redis_cluster_admit_exactly_the_limit() {
+    let cluster = RedisCluster::start().await;
+    let owner = cluster.owner("{llmgw}").await;
+    let seed = &cluster.nodes[(owner + 1) % cluster.nodes.len()];
+    let section = format!(
+        "redis: {{ url: \"redis://127.0.0.1:{}\", cluster: true, failure_mode: closed, replicas: 2, timeout: 500ms }}\n",
+        seed.port
+    );
+    let text = config("", [", limits: { rpm: 5 }", "", ""], &section);
+    let (a, b) = (Gateway::start(&text).await, Gateway::start(&text).await);
+    let mut admitted = 0;
+    for i in 0..10 {
+        match call(if i % 2 == 0 { &a } else { &b }, "key-a", "m").await {
+            Ok(_) => admitted += 1,
+            Err(s) => assert_refused(&s, Code::ResourceExhausted, "RATE_LIMITED", "key:key-a"),
+        }
+    }
+    assert_eq!(admitted, 5, "rpm 5 holds for both gateways together, through the cluster");
+    // Every key sits on the slot's owner; the seed holds none.
+    let keys: Vec<String> = cluster.nodes[owner].query(redis::cmd("KEYS").arg("*")).await;
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with("{llmgw}:v2:")), "{keys:?}");
+    let elsewhere: Vec<String> = seed.query(redis::cmd("KEYS").arg("*")).await;
+    assert!(elsewhere.is_empty(), "{elsewhere:?}");
 }
 
 #[tokio::test]

@@ -24,6 +24,8 @@ pub(crate) struct RedisServer {
     password: Option<String>,
     /// `redis-server` or `valkey-server`.
     program: &'static str,
+    /// More of its options.
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -33,26 +35,26 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub(crate) async fn start() -> Self {
-        Self::start_with(None, "redis-server").await
+        Self::start_with(None, "redis-server", Vec::new()).await
     }
 
     /// Valkey, the fork the contract names beside Redis 7.
     pub(crate) async fn valkey() -> Self {
-        Self::start_with(None, "valkey-server").await
+        Self::start_with(None, "valkey-server", Vec::new()).await
     }
 
     /// A server that refuses every command until a client sends `password`.
     pub(crate) async fn with_password(password: &str) -> Self {
-        Self::start_with(Some(password.to_owned()), "redis-server").await
+        Self::start_with(Some(password.to_owned()), "redis-server", Vec::new()).await
     }
 
-    async fn start_with(password: Option<String>, program: &'static str) -> Self {
+    async fn start_with(password: Option<String>, program: &'static str, extra: Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("a data directory");
         let mut port = free_port();
         while port == 6379 {
             port = free_port();
         }
-        let mut server = Self { port, dir, child: None, password, program };
+        let mut server = Self { port, dir, child: None, password, program, extra };
         server.spawn().await;
         server
     }
@@ -67,6 +69,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -155,4 +158,51 @@ async fn ping(addr: SocketAddr, auth: &str) -> bool {
     let mut buf = vec![0u8; want.len()];
     matches!(tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut buf)).await, Ok(Ok(_)))
         && buf == want
+}
+
+/// The 16384 slots, split between the three masters of a [`RedisCluster`].
+pub(crate) const CLUSTER_SLOTS: [(i64, i64); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
+
+/// A real Redis Cluster: three masters, no replicas, each on free loopback
+/// ports (its client port and its cluster bus port).
+pub(crate) struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub(crate) async fn start() -> Self {
+        let (mut nodes, mut buses) = (Vec::new(), Vec::new());
+        for _ in CLUSTER_SLOTS {
+            // Not port + 10000, the default, which may be taken or out of range.
+            let bus = free_port().to_string();
+            let extra =
+                ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", &bus];
+            nodes.push(RedisServer::start_with(None, "redis-server", extra.map(String::from).to_vec()).await);
+            buses.push(bus);
+        }
+        for (node, (first, last)) in nodes.iter().zip(CLUSTER_SLOTS) {
+            let _: () = node.query(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last)).await;
+        }
+        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
+            let meet = redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(node.port).arg(bus).clone();
+            let _: () = nodes[0].query(&meet).await;
+        }
+        for node in &nodes {
+            eventually(START_BOUND, "every node to see the cluster whole", async || {
+                let info: String = node.query(redis::cmd("CLUSTER").arg("INFO")).await;
+                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+            })
+            .await;
+        }
+        Self { nodes }
+    }
+
+    /// The node that owns the slot of `key`.
+    pub(crate) async fn owner(&self, key: &str) -> usize {
+        let slot: i64 = self.nodes[0].query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await;
+        CLUSTER_SLOTS
+            .iter()
+            .position(|&(first, last)| (first..=last).contains(&slot))
+            .expect("a slot in range")
+    }
 }
