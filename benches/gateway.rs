@@ -511,8 +511,11 @@ async fn run(
             report.throughput.push(run.await?);
             progress(&format!("throughput, one write per answer, c={c}"));
             let burst = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "burst")?);
+            // Per-call costs weigh most here: recorded apart.
+            let perf_out = out_dir.join("gateway-perf-burst.data");
+            let perf = options.perf.then_some(perf_out.as_path());
             let run =
-                phases::throughput("openai, burst", &gateway, Front::Grpc, burst, "burst", c, time, None);
+                phases::throughput("openai, burst", &gateway, Front::Grpc, burst, "burst", c, time, perf);
             report.throughput.push(run.await?);
             if let Some(base) = &base {
                 progress(&format!("throughput, baseline, per-token writes, c={c}"));

@@ -55,7 +55,10 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
 
     // Log lines go through a bounded buffer to a writer thread, so a slow
     // stdout never blocks a runtime thread (lines are dropped when it is full).
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The thread flushes whenever it has drained the buffer: under load the
+    // lines of many calls go out in one write instead of one write each.
+    let stdout = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(stdout);
     let fmt = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(writer)
