@@ -66,19 +66,22 @@ enum Health {
 /// ASK, and reconnects by itself; connected on first use).
 enum Conn {
     Single(ConnectionManager),
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
-    },
+    /// Boxed: the client's settings are large, and only one exists.
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
 }
 
 impl Conn {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
             Conn::Single(conn) => cmd.query_async(&mut conn.clone()).await,
-            Conn::Cluster { client, conn } => {
+            Conn::Cluster(c) => {
                 // A failed connect leaves the cell empty: the next call tries again.
-                let conn = conn.get_or_try_init(|| client.get_async_connection()).await?;
+                let conn = c.conn.get_or_try_init(|| c.client.get_async_connection()).await?;
                 cmd.query_async(&mut conn.clone()).await
             }
         }
@@ -119,7 +122,7 @@ impl Shared {
                 .retries(1)
                 .build()
                 .map_err(|e| SetupError::Url(e.to_string()))?;
-            Conn::Cluster { client, conn: tokio::sync::OnceCell::new() }
+            Conn::Cluster(Box::new(Cluster { client, conn: tokio::sync::OnceCell::new() }))
         } else {
             let client = redis::Client::open(info).map_err(|e| SetupError::Url(e.to_string()))?;
             let manager = ConnectionManagerConfig::new()

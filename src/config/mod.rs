@@ -3,6 +3,7 @@
 
 mod load;
 mod schema;
+mod validate;
 
 pub use load::{ConfigError, default_base_url, load_default, load_file, parse, redact_url};
 pub use schema::*;
