@@ -288,16 +288,27 @@ where
             }
         };
         let (mut pending, mut newline) = (self.pending, self.newline);
-        for &b in chunk.iter() {
-            match b {
-                b'\n' if newline => pending = 0,
-                b'\n' => newline = true,
-                b'\r' => {}
-                _ => {
-                    newline = false;
-                    pending += 1;
-                }
+        // Line by line (memchr, not byte by byte): a line's bytes other than
+        // CR count toward the event; an empty line ends it.
+        let mut rest: &[u8] = &chunk;
+        loop {
+            let (line, end) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            let counted = line.len() - memchr::memchr_iter(b'\r', line).count();
+            if counted > 0 {
+                pending += counted;
+                newline = false;
             }
+            if !end {
+                break;
+            }
+            if newline {
+                pending = 0;
+            }
+            newline = true;
+            rest = &rest[line.len() + 1..];
         }
         self.pending = pending;
         self.newline = newline;
@@ -380,6 +391,41 @@ mod tests {
         // One newline alone does not end an event: the two halves add up.
         assert!(matches!(error, BodyError::TooLarge), "{error}");
         assert!(passed > MAX_EVENT / 2 + 12, "cut off after {passed} bytes");
+    }
+
+    /// The byte-at-a-time count the line-by-line one replaced.
+    fn count_bytewise(bytes: &[u8], mut pending: usize, mut newline: bool) -> (usize, bool) {
+        for &b in bytes {
+            match b {
+                b'\n' if newline => pending = 0,
+                b'\n' => newline = true,
+                b'\r' => {}
+                _ => {
+                    newline = false;
+                    pending += 1;
+                }
+            }
+        }
+        (pending, newline)
+    }
+
+    #[tokio::test]
+    async fn event_sizes_are_counted_as_byte_by_byte_over_any_chunking() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2000 {
+            let len = rng.usize(0..64);
+            let body: Vec<u8> = (0..len).map(|_| *rng.choice(b"\n\n\rxy").unwrap_or(&b'x')).collect();
+            let cut = rng.usize(0..=len);
+            let chunks: Vec<Result<bytes::Bytes, reqwest::Error>> = vec![
+                Ok(bytes::Bytes::copy_from_slice(&body[..cut])),
+                Ok(bytes::Bytes::copy_from_slice(&body[cut..])),
+            ];
+            let mut s = EventBound::new(futures_util::stream::iter(chunks));
+            while let Some(piece) = s.next().await {
+                assert!(piece.is_ok(), "{body:?}");
+            }
+            assert_eq!((s.pending, s.newline), count_bytewise(&body, 0, false), "{body:?} cut at {cut}");
+        }
     }
 
     fn events(chunks: &[&[u8]]) -> Vec<Result<String, String>> {
