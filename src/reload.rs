@@ -78,6 +78,9 @@ pub async fn watch(
     // The text last looked at, applied or refused: a refused file is
     // reported once, not at every tick.
     let mut seen = source.text.clone();
+    // None: the first tick reads (the file may have changed since start-up).
+    // A stamp is taken before its read, so a change in between is read again.
+    let mut stamp = None;
     loop {
         let requested = async {
             match source.requests.as_mut() {
@@ -94,6 +97,17 @@ pub async fn watch(
             },
             _ = tick.tick(), if !interval.is_zero() => Cause::Changed,
         };
+        if matches!(cause, Cause::Changed) {
+            // A stat, not a read on the blocking pool, at every tick: work
+            // handed to that pool every few seconds keeps its idle threads
+            // alive for good (each is woken in turn before its keep-alive
+            // runs out), so a burst's extra threads would never leave.
+            let now = Stamp::of(&source.path);
+            if now.is_some() && now == stamp && now.is_some_and(Stamp::settled) {
+                continue;
+            }
+            stamp = now;
+        }
         let path = source.path.clone();
         let text = match tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await {
             Ok(Ok(text)) => text,
@@ -188,6 +202,32 @@ fn diff(path: &str, old: Option<&serde_json::Value>, new: Option<&serde_json::Va
     }
 }
 
+/// What a stat says of the file: a change of any of these is a change to
+/// look at (an edit, a rename over it, a ConfigMap's symlink swap).
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    /// None when the file cannot be stat'ed (it is then read, and the read
+    /// says why).
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self { len: m.len(), modified: m.modified().ok(), inode: m.ino() })
+    }
+
+    /// Modified long enough ago to be trusted: file times tick in jiffies,
+    /// so two writes of one length within a few milliseconds share a stamp;
+    /// until the file has been still for a while it is read at every tick.
+    fn settled(self) -> bool {
+        self.modified.and_then(|m| m.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(2))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +243,20 @@ mod tests {
             vec!["listen", "server.default_timeout", "server.max_connection_age"]
         );
         assert!(restart_changes(old, old).is_empty());
+    }
+
+    #[test]
+    fn a_stamp_sees_a_rename_over_the_file_and_distrusts_a_fresh_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, other) = (dir.path().join("c.yaml"), dir.path().join("new.yaml"));
+        std::fs::write(&path, "a: 1\n").unwrap();
+        let first = Stamp::of(&path).unwrap();
+        // Just written: read at every tick until it has been still a while.
+        assert!(!first.settled());
+        // The same length, renamed over it (an editor, a ConfigMap swap).
+        std::fs::write(&other, "a: 2\n").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(Stamp::of(&path).unwrap() != first);
+        assert!(Stamp::of(&dir.path().join("gone.yaml")).is_none());
     }
 }
