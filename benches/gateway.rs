@@ -592,7 +592,7 @@ async fn run(
         report.tracing = tracing_cost(options, plan, &config, collector).await?;
     }
     if options.runs(Phase::Admission) {
-        report.tracing.extend(admission_cost(options, plan, &config).await?);
+        report.tracing.extend(admission_cost(options, plan, upstream, &config).await?);
     }
     if options.runs(Phase::TensorZero) {
         report.versus = Some(beside_tensorzero(options, plan, upstream, &config).await?);
@@ -668,6 +668,7 @@ async fn tracing_cost(
 async fn admission_cost(
     options: &Options,
     plan: &Plan,
+    upstream: &upstream::Upstream,
     config: &str,
 ) -> Result<Vec<report::TracingVariant>, BoxError> {
     const KEY: &str = "bench-key";
@@ -716,7 +717,12 @@ async fn admission_cost(
             max_time: plan.run_limit,
             key,
         };
-        out.push(phases::tracing_variant(bin, &config, run).await?);
+        let mut variant = phases::tracing_variant(bin, &config, run).await?;
+        // The same c=1 calls straight to the upstream, right after: what the
+        // gateway adds is read against them (#12 item 10, #17 item 3).
+        let direct = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?);
+        variant.direct_ttft = Some(support::load::run(direct, 1, plan.tracing_calls, plan.run_limit).await);
+        out.push(variant);
     }
     Ok(out)
 }

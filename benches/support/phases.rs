@@ -208,6 +208,7 @@ pub async fn tracing_variant(
         _ => None,
     };
     let dropped = gateway.metric("llm_gateway_dropped_spans_total").await?;
+    let redis_trips = gateway.metric("llm_gateway_redis_round_trip_seconds_count").await?;
     if !gateway.alive() {
         return Err(format!("the \"{}\" gateway died under load:\n{}", run.label, gateway.tail()).into());
     }
@@ -222,6 +223,8 @@ pub async fn tracing_variant(
         spans_received: received.map(|r| r.0),
         export_requests: received.map(|r| r.1),
         dropped_spans: dropped,
+        redis_trips,
+        direct_ttft: None,
         note: None,
     })
 }

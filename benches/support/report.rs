@@ -159,6 +159,10 @@ pub struct TracingVariant {
     pub export_requests: Option<u64>,
     /// `llm_gateway_dropped_spans_total` at the end.
     pub dropped_spans: Option<f64>,
+    /// Redis round trips the gateway made (`llm_gateway_redis_round_trip_seconds_count`).
+    pub redis_trips: Option<f64>,
+    /// The same c=1 calls straight to the upstream (admission rows).
+    pub direct_ttft: Option<RunResult>,
     pub note: Option<String>,
 }
 
@@ -627,6 +631,27 @@ impl Report {
                 v.env.iter().map(|(k, val)| format!("{k}={val}")).collect::<Vec<_>>().join(" ")
             };
             let _ = writeln!(out, "  {}: {env}", v.label);
+            if let Some(direct) = &v.direct_ttft {
+                let added = |p| {
+                    let via = percentile(&v.ttft.ttft_us, p)? as i64;
+                    Some(via - percentile(&direct.ttft_us, p)? as i64)
+                };
+                let _ = writeln!(
+                    out,
+                    "    added TTFT at c=1 (via the gateway minus straight to the upstream, just after): p50 {} ms, p99 {} ms (direct {})",
+                    ms_signed(added(0.5)),
+                    ms_signed(added(0.99)),
+                    triple(&direct.ttft_us)
+                );
+            }
+            if let Some(trips) = v.redis_trips.filter(|&n| n > 0.0) {
+                let per_call = trips / (v.calls_total.max(1) as f64);
+                let _ = writeln!(
+                    out,
+                    "    Redis round trips: {trips:.0} for {} calls served, {per_call:.2} per call",
+                    v.calls_total
+                );
+            }
             if let Some(note) = &v.note {
                 let _ = writeln!(out, "    note: {note}");
             }
@@ -726,6 +751,8 @@ impl Report {
                 "spans_received": v.spans_received,
                 "export_requests": v.export_requests,
                 "dropped_spans": v.dropped_spans,
+                "redis_round_trips": v.redis_trips,
+                "direct_ttft_us": v.direct_ttft.as_ref().map(|d| [percentile(&d.ttft_us, 0.5), percentile(&d.ttft_us, 0.99)]),
                 "note": v.note,
             })
         };
