@@ -21,7 +21,7 @@ use super::{
     plan::{BudgetOp, Denial, Granted, Op, RedisKeys, Subject},
     prices::Prices,
     queue::{TargetQueue, Waiting},
-    redis::{SetupError, Shared},
+    redis::{Answer, SetupError, Shared},
     ticket::Ticket,
     window::Clock,
 };
@@ -33,6 +33,13 @@ use crate::{
 /// Most settles that may wait for Redis at once; past it a settle is
 /// dropped (counted as a Redis error), and its reservations age out.
 const MAX_PENDING_SETTLES: usize = 4096;
+/// How long a settle waits for an admission step to ride on before it is
+/// sent on its own. Under load an admission comes sooner, so a call costs
+/// one round trip, not two; meanwhile its reservations still count (for at
+/// most this long).
+const RIDE_FOR: Duration = Duration::from_millis(2);
+/// Most settles one step carries (the script's size stays bounded).
+const MAX_CARRIED: usize = 32;
 
 /// Where a reservation was made, so it is given back there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +93,45 @@ pub struct Admission {
     pub(super) metrics: Arc<Metrics>,
     pub(super) clock: Clock,
     settles: TaskTracker,
+    /// Settles waiting for a step to ride on.
+    pending: Pending,
+}
+
+/// Redis settles not sent yet, and whether a task is due to send them.
+/// Whenever some wait, that task exists.
+#[derive(Debug, Default)]
+struct Pending {
+    state: std::sync::Mutex<(Vec<Op>, bool)>,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Op>, bool)> {
+        // Every update is one statement: a poisoned lock is still good.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a settle: `Ok(true)` when a task must be started to send it,
+    /// `Err` when too many wait.
+    fn push(&self, op: Op) -> Result<bool, Op> {
+        let mut state = self.lock();
+        if state.0.len() >= MAX_PENDING_SETTLES {
+            return Err(op);
+        }
+        state.0.push(op);
+        Ok(!std::mem::replace(&mut state.1, true))
+    }
+
+    /// Up to `MAX_CARRIED` settles, oldest first; `due` (the sending task)
+    /// also stands down when none are left.
+    fn take(&self, due: bool) -> Vec<Op> {
+        let mut state = self.lock();
+        let n = state.0.len().min(MAX_CARRIED);
+        let taken: Vec<Op> = state.0.drain(..n).collect();
+        if due && state.0.is_empty() {
+            state.1 = false;
+        }
+        taken
+    }
 }
 
 impl Admission {
@@ -189,6 +235,7 @@ impl Admission {
             metrics,
             clock,
             settles: TaskTracker::new(),
+            pending: Pending::default(),
         })
     }
 
@@ -235,22 +282,26 @@ impl Admission {
     }
 
     /// Runs an admission step where reservations live now: Redis when
-    /// configured and reachable; else, with `failure_mode: open`, locally
-    /// (the releases in `op` were Redis's and are left to age out there).
+    /// configured and reachable, with the settles waiting to be sent; else,
+    /// with `failure_mode: open`, locally (the releases in `op` were
+    /// Redis's and are left to age out there).
     pub(super) async fn admit(
         &self,
         mut op: Op,
         refuse: impl Fn() -> Refusal,
     ) -> Result<(Where, Result<Granted, Denial>), Refusal> {
         if let Some(shared) = &self.shared {
-            match shared.run(&op).await {
-                Ok(decision) => {
-                    if let (Ok(g), BudgetOp::Charge { subject, .. }) = (&decision, &op.budget)
+            let carried = self.pending.take(false);
+            let answer = shared.run(&op, &carried).await;
+            self.landed(&carried, answer.as_ref().ok());
+            match answer {
+                Ok(answer) => {
+                    if let (Ok(g), BudgetOp::Charge { subject, .. }) = (&answer.decision, &op.budget)
                         && let Some(b) = g.budget
                     {
                         self.local.mirror_budget(subject, b);
                     }
-                    return Ok((Where::Shared, decision));
+                    return Ok((Where::Shared, answer.decision));
                 }
                 Err(_) if self.failure_mode == FailureMode::Closed => return Err(refuse()),
                 Err(_) => {
@@ -260,6 +311,19 @@ impl Admission {
             }
         }
         Ok((Where::Local, self.local.run(&op)))
+    }
+
+    /// After a step that carried settles: their refunds' figures mirrored
+    /// and shown, and who waits for what they freed woken. A step that
+    /// failed lost them; their reservations age out in Redis.
+    fn landed(&self, carried: &[Op], answer: Option<&Answer>) {
+        for (subject, b) in answer.map_or(&[][..], |a| &a.refunds[..]) {
+            self.local.mirror_budget(subject, *b);
+            self.budget_metric(subject, Some(*b));
+        }
+        for op in carried {
+            wake(op);
+        }
     }
 
     /// Gives back reservations made locally, and wakes who waits for them.
@@ -276,27 +340,40 @@ impl Admission {
     }
 
     /// Gives back reservations made in Redis, in the background: the call
-    /// that settles never waits for it. A failure leaves them to age out.
+    /// that settles never waits for it. The settle rides on the next
+    /// admission step, or is sent after `RIDE_FOR` with any others waiting.
     pub(super) fn release_shared(self: &Arc<Self>, op: Op) {
         if op.is_empty() || self.shared.is_none() {
             return;
         }
-        if self.settles.len() >= MAX_PENDING_SETTLES || tokio::runtime::Handle::try_current().is_err() {
+        if tokio::runtime::Handle::try_current().is_err() {
             self.metrics.admission.redis_error("settle_dropped");
             return;
         }
-        let this = self.clone();
-        self.settles.spawn(async move {
-            let Some(shared) = &this.shared else { return };
-            if let Ok(Ok(g)) = shared.run(&op).await
-                && let BudgetOp::Refund { subject, .. } = &op.budget
-                && let Some(b) = g.budget
-            {
-                this.local.mirror_budget(subject, b);
-                this.budget_metric(subject, Some(b));
+        match self.pending.push(op) {
+            Err(_) => self.metrics.admission.redis_error("settle_dropped"),
+            Ok(false) => {}
+            Ok(true) => {
+                let this = self.clone();
+                self.settles.spawn(async move {
+                    tokio::time::sleep(RIDE_FOR).await;
+                    this.send_pending().await;
+                });
             }
-            wake(&op);
-        });
+        }
+    }
+
+    /// Sends the settles no step took, `MAX_CARRIED` at a time.
+    async fn send_pending(&self) {
+        let Some(shared) = &self.shared else { return };
+        loop {
+            let ops = self.pending.take(true);
+            if ops.is_empty() {
+                return;
+            }
+            let answer = shared.run(&Op::default(), &ops).await;
+            self.landed(&ops, answer.as_ref().ok());
+        }
     }
 
     /// Sets the budget-left gauges of a key.

@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(local.run(&charge(&[&s], 0)).unwrap_err(), Denial::Concurrency { charge: 0 });
         assert!(!local.fits(std::slice::from_ref(&s), 0));
         let release = Op {
-            releases: vec![Release { subject: s.clone(), at_sec: granted.at_sec, refund: 0 }],
+            releases: vec![Release { subject: s.clone(), member: 1, at_sec: granted.at_sec, refund: 0 }],
             ..charge(&[&s], 0)
         };
         // Release and charge in one step: the freed slot is taken again.
@@ -251,7 +251,7 @@ mod tests {
         // The call used 100 of its 800: 700 come back, and 300 fit.
         local
             .run(&Op {
-                releases: vec![Release { subject: s.clone(), at_sec: g.at_sec, refund: 700 }],
+                releases: vec![Release { subject: s.clone(), member: 1, at_sec: g.at_sec, refund: 700 }],
                 ..Default::default()
             })
             .unwrap();

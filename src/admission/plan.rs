@@ -34,18 +34,14 @@ pub struct Subject {
 /// The Redis keys of a subject, all under one hash tag.
 #[derive(Debug, Default)]
 pub struct RedisKeys {
-    pub rate: String,
-    pub conc: String,
+    /// Its window, its live leases (one hash: see `charge_v3.lua`).
+    pub subject: String,
     pub budget: String,
 }
 
 impl RedisKeys {
     pub fn new(prefix: &str, id: &str) -> Self {
-        Self {
-            rate: format!("{{{prefix}}}:v2:rate:{id}"),
-            conc: format!("{{{prefix}}}:v2:conc:{id}"),
-            budget: format!("{{{prefix}}}:v2:budget:{id}"),
-        }
+        Self { subject: format!("{{{prefix}}}:v3:s:{id}"), budget: format!("{{{prefix}}}:v3:budget:{id}") }
     }
 }
 
@@ -67,11 +63,14 @@ pub struct Charge {
     pub tokens: u64,
 }
 
-/// Gives back a reservation made at `at_sec`: `refund` tokens (negative:
-/// charge more, the call used more than reserved) and its lease.
+/// Gives back a reservation made at `at_sec` by ticket `member`: `refund`
+/// tokens (negative: charge more, the call used more than reserved) and its
+/// lease. The member is the release's own: settles of several tickets may
+/// ride on one step.
 #[derive(Debug, Clone)]
 pub struct Release {
     pub subject: Arc<Subject>,
+    pub member: u64,
     pub at_sec: u64,
     pub refund: i64,
 }

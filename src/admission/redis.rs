@@ -1,5 +1,6 @@
 //! The shared backend: every replica's limits and budgets in one Redis (or
-//! Valkey), one script call per admission step. The script is sent by its
+//! Valkey), one script call per admission step, carrying the settles that
+//! wait to be sent (see `control`). The script is sent by its
 //! SHA-1 (EVALSHA) and, when the server does not know it (NOSCRIPT: a
 //! restart, a failover, a proxy in front of several nodes), sent whole with
 //! EVAL in the same step, never through a separate SCRIPT LOAD. Every round
@@ -22,13 +23,13 @@ use tokio::time::Instant;
 
 use super::{
     budget::{Exhausted, Spending},
-    plan::{BudgetOp, BudgetState, Denial, Granted, Op},
+    plan::{BudgetOp, BudgetState, Denial, Granted, Op, Release, Subject},
     window::{Exceeded, Full},
 };
 use crate::{config::RedisConfig, telemetry::metrics::Metrics};
 
-/// The script, named with its version (its first line says `llmgw_charge_v2`).
-const SCRIPT: &str = include_str!("charge_v2.lua");
+/// The script, named with its version (its first line says `llmgw_charge_v3`).
+const SCRIPT: &str = include_str!("charge_v3.lua");
 
 /// How long Redis is left alone after a failure before one call probes it.
 const PROBE_AFTER: Duration = Duration::from_millis(500);
@@ -50,6 +51,15 @@ pub enum Unreachable {
     Failed(String),
     #[error("redis failed moments ago; not asked again yet")]
     Resting,
+}
+
+/// What a step answered: the decision on its charges, and the budget
+/// figures after each refund that landed (for the local mirror and the
+/// budget-left gauges).
+#[derive(Debug)]
+pub struct Answer {
+    pub decision: Result<Granted, Denial>,
+    pub refunds: Vec<(Arc<Subject>, BudgetState)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,13 +167,15 @@ impl Shared {
         }
     }
 
-    /// Runs one step in Redis: the decision, or why there is none.
-    pub async fn run(&self, op: &Op) -> Result<Result<Granted, Denial>, Unreachable> {
+    /// Runs one step in Redis, with the settles in `carried` riding on it
+    /// (their releases and refunds go first, whatever the decision): the
+    /// decision, or why there is none.
+    pub async fn run(&self, op: &Op, carried: &[Op]) -> Result<Answer, Unreachable> {
         if !self.may_ask() {
             return Err(Unreachable::Resting);
         }
         let started = Instant::now();
-        let reply = tokio::time::timeout(self.timeout, self.eval(op)).await;
+        let reply = tokio::time::timeout(self.timeout, self.eval(op, carried)).await;
         self.metrics.admission.redis_round_trip(started.elapsed());
         let reply = match reply {
             Ok(Ok(reply)) => reply,
@@ -171,18 +183,22 @@ impl Shared {
             Err(_) => return Err(self.failed(Unreachable::Timeout(self.timeout))),
         };
         match decode(&reply) {
-            Some(decision) => {
+            Some((decision, figures)) => {
                 self.succeeded();
-                Ok(decision)
+                let refunds = refunds(op, carried)
+                    .zip(figures)
+                    .filter_map(|((subject, ..), b)| Some((subject.clone(), b?)))
+                    .collect();
+                Ok(Answer { decision, refunds })
             }
             None => Err(self.failed(Unreachable::Failed(format!("unexpected script reply {reply:?}")))),
         }
     }
 
-    async fn eval(&self, op: &Op) -> redis::RedisResult<Vec<i64>> {
-        match self.conn.query(&command(op, "EVALSHA", &self.sha)).await {
+    async fn eval(&self, op: &Op, carried: &[Op]) -> redis::RedisResult<Vec<i64>> {
+        match self.conn.query(&command(op, carried, "EVALSHA", &self.sha)).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.conn.query(&command(op, "EVAL", SCRIPT)).await
+                self.conn.query(&command(op, carried, "EVAL", SCRIPT)).await
             }
             other => other,
         }
@@ -250,64 +266,101 @@ fn error_text(e: &redis::RedisError) -> String {
     e.to_string()
 }
 
-/// The script call for `op`: `EVALSHA sha` or `EVAL body`.
-fn command(op: &Op, verb: &str, script: &str) -> redis::Cmd {
+/// The releases of a step: those of the settles riding on it, then its own.
+/// One that gives back nothing (no token limit to refund, no lease) is left
+/// out.
+fn releases<'a>(op: &'a Op, carried: &'a [Op]) -> impl Iterator<Item = &'a Release> {
+    carried
+        .iter()
+        .chain(std::iter::once(op))
+        .flat_map(|o| &o.releases)
+        .filter(|r| r.subject.has_lease() || (r.subject.limits.tpm.is_some() && r.refund != 0))
+}
+
+/// The budget refunds of a step, in the same order.
+fn refunds<'a>(op: &'a Op, carried: &'a [Op]) -> impl Iterator<Item = (&'a Arc<Subject>, u64, i64, i64)> {
+    carried.iter().chain(std::iter::once(op)).filter_map(|o| match &o.budget {
+        BudgetOp::Refund { subject, window, tokens, nano_usd } => {
+            Some((subject, *window, *tokens, *nano_usd))
+        }
+        _ => None,
+    })
+}
+
+/// The script call for `op` and the settles riding on it: `EVALSHA sha`
+/// or `EVAL body` (the layout is in the header of `charge_v3.lua`).
+fn command(op: &Op, carried: &[Op], verb: &str, script: &str) -> redis::Cmd {
     let mut cmd = redis::cmd(verb);
-    let budget = match &op.budget {
-        BudgetOp::None => None,
-        BudgetOp::Charge { subject, .. } | BudgetOp::Refund { subject, .. } => Some(subject),
+    let charge_budget = match &op.budget {
+        BudgetOp::Charge { subject, tokens, nano_usd } => Some((subject, *tokens, *nano_usd)),
+        _ => None,
     };
-    let keys = 2 * (op.releases.len() + op.charges.len()) + usize::from(budget.is_some());
+    let (nrel, nref) = (releases(op, carried).count(), refunds(op, carried).count());
+    let keys = nrel + op.charges.len() + nref + usize::from(charge_budget.is_some());
     cmd.arg(script).arg(keys);
-    for s in op.releases.iter().map(|r| &r.subject).chain(op.charges.iter().map(|c| &c.subject)) {
-        cmd.arg(&s.redis.rate).arg(&s.redis.conc);
+    for r in releases(op, carried) {
+        cmd.arg(&r.subject.redis.subject);
     }
-    if let Some(s) = budget {
-        cmd.arg(&s.redis.budget);
+    for (subject, ..) in refunds(op, carried) {
+        cmd.arg(&subject.redis.budget);
     }
-    let bop = match op.budget {
-        BudgetOp::None => 0,
-        BudgetOp::Charge { .. } => 1,
-        BudgetOp::Refund { .. } => 2,
-    };
+    for c in &op.charges {
+        cmd.arg(&c.subject.redis.subject);
+    }
+    if let Some((subject, ..)) = charge_budget {
+        cmd.arg(&subject.redis.budget);
+    }
     let lease_ms = u64::try_from(op.lease.as_millis()).unwrap_or(u64::MAX).max(1);
-    cmd.arg(op.member).arg(lease_ms).arg(op.releases.len()).arg(op.charges.len()).arg(bop);
-    for r in &op.releases {
+    cmd.arg(op.member).arg(lease_ms).arg(nrel).arg(op.charges.len()).arg(nref);
+    cmd.arg(u8::from(charge_budget.is_some()));
+    for r in releases(op, carried) {
         let refund = if r.subject.limits.tpm.is_some() { r.refund } else { 0 };
-        cmd.arg(r.at_sec).arg(refund).arg(u8::from(r.subject.has_lease()));
+        cmd.arg(r.member).arg(r.at_sec).arg(refund).arg(u8::from(r.subject.has_lease()));
+    }
+    for (_, window, tokens, nano_usd) in refunds(op, carried) {
+        cmd.arg(window).arg(tokens).arg(nano_usd);
     }
     let or_none = |v: Option<u64>| v.and_then(|v| i64::try_from(v).ok()).unwrap_or(-1);
     for c in &op.charges {
         let l = &c.subject.limits;
         cmd.arg(or_none(l.rpm)).arg(or_none(l.tpm)).arg(or_none(l.concurrency.map(u64::from))).arg(c.tokens);
     }
-    match &op.budget {
-        BudgetOp::None => {}
-        BudgetOp::Charge { subject, tokens, nano_usd } => {
-            let (window, ltok, lusd) = match &subject.budget {
-                Some(b) => (b.window_secs, or_none(b.tokens), b.nano_usd.unwrap_or(-1)),
-                None => (1, -1, -1),
-            };
-            cmd.arg(window).arg(ltok).arg(lusd).arg(*tokens).arg(*nano_usd);
-        }
-        BudgetOp::Refund { window, tokens, nano_usd, .. } => {
-            cmd.arg(*window).arg(*tokens).arg(*nano_usd);
-        }
+    if let Some((subject, tokens, nano_usd)) = charge_budget {
+        let (window, ltok, lusd) = match &subject.budget {
+            Some(b) => (b.window_secs, or_none(b.tokens), b.nano_usd.unwrap_or(-1)),
+            None => (1, -1, -1),
+        };
+        cmd.arg(window).arg(ltok).arg(lusd).arg(tokens).arg(nano_usd);
     }
     cmd
 }
 
-/// The script's answer (see the header of `charge_v2.lua`).
-fn decode(reply: &[i64]) -> Option<Result<Granted, Denial>> {
-    match *reply {
-        [1, now_sec, tokens, nano_usd, window] => {
-            let budget = (window >= 0).then(|| BudgetState {
-                window: window as u64,
-                tokens: tokens.max(0) as u64,
-                nano_usd: nano_usd.max(0),
-            });
-            Some(Ok(Granted { at_sec: u64::try_from(now_sec).ok()?, budget }))
-        }
+/// The budget's figures in a reply (window -1: none).
+fn budget_state(tokens: i64, nano_usd: i64, window: i64) -> Option<BudgetState> {
+    (window >= 0).then(|| BudgetState {
+        window: window as u64,
+        tokens: tokens.max(0) as u64,
+        nano_usd: nano_usd.max(0),
+    })
+}
+
+/// A reply, decoded: the decision, and the budget after each refund sent
+/// (none where its window had moved on).
+type Decoded = (Result<Granted, Denial>, Vec<Option<BudgetState>>);
+
+/// The script's answer (see the header of `charge_v3.lua`): the decision,
+/// then one triple per refund sent.
+fn decode(reply: &[i64]) -> Option<Decoded> {
+    let (head, rest) = reply.split_at_checked(5)?;
+    if rest.len() % 3 != 0 {
+        return None;
+    }
+    let refunds = rest.chunks_exact(3).map(|r| budget_state(r[0], r[1], r[2])).collect();
+    let decision = match *head {
+        [1, now_sec, tokens, nano_usd, window] => Ok(Granted {
+            at_sec: u64::try_from(now_sec).ok()?,
+            budget: budget_state(tokens, nano_usd, window),
+        }),
         [0, index, code, retry_ms, never] => {
             let retry_after = u64::try_from(retry_ms).ok().map(Duration::from_millis);
             let never = never == 1;
@@ -317,17 +370,18 @@ fn decode(reply: &[i64]) -> Option<Result<Granted, Denial>> {
                 full: Full { limit, retry_after, never },
             };
             let budget = |what| Denial::Budget(Exhausted { what, retry_after, never });
-            Some(Err(match code {
+            Err(match code {
                 1 => window(Exceeded::Rpm),
                 2 => window(Exceeded::Tpm),
                 3 => Denial::Concurrency { charge: charge? },
                 4 => budget(Spending::Tokens),
                 5 => budget(Spending::Usd),
                 _ => return None,
-            }))
+            })
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    Some((decision, refunds))
 }
 
 #[cfg(test)]
@@ -336,9 +390,10 @@ mod tests {
 
     #[test]
     fn decodes_the_script_replies() {
-        assert_eq!(decode(&[1, 100, -1, -1, -1]), Some(Ok(Granted { at_sec: 100, budget: None })));
+        let decision = |reply: &[i64]| decode(reply).map(|(d, _)| d);
+        assert_eq!(decision(&[1, 100, -1, -1, -1]), Some(Ok(Granted { at_sec: 100, budget: None })));
         assert_eq!(
-            decode(&[0, 2, 1, 1500, 0]),
+            decision(&[0, 2, 1, 1500, 0]),
             Some(Err(Denial::Window {
                 charge: 1,
                 full: Full {
@@ -348,16 +403,20 @@ mod tests {
                 }
             }))
         );
-        assert_eq!(decode(&[0, 1, 3, -1, 0]), Some(Err(Denial::Concurrency { charge: 0 })));
+        assert_eq!(decision(&[0, 1, 3, -1, 0]), Some(Err(Denial::Concurrency { charge: 0 })));
         assert!(matches!(
-            decode(&[0, 0, 5, -1, 1]),
+            decision(&[0, 0, 5, -1, 1]),
             Some(Err(Denial::Budget(Exhausted { never: true, .. })))
         ));
-        assert_eq!(decode(&[7]), None);
+        assert_eq!(decision(&[7]), None);
+        // Refund figures follow, three per refund; a window that moved on is none.
+        let (_, refunds) = decode(&[1, 0, -1, -1, -1, 40, 900, 7, -1, -1, -1]).unwrap();
+        assert_eq!(refunds, [Some(BudgetState { window: 7, tokens: 40, nano_usd: 900 }), None]);
+        assert_eq!(decode(&[1, 0, -1, -1, -1, 40]), None);
     }
 
     #[test]
     fn the_script_says_its_name_and_version() {
-        assert!(SCRIPT.starts_with("-- llmgw_charge_v2:"));
+        assert!(SCRIPT.starts_with("-- llmgw_charge_v3:"));
     }
 }

@@ -54,9 +54,14 @@ struct TargetHold {
 }
 
 impl TargetHold {
-    fn releases(&self, used: u64) -> impl Iterator<Item = Release> + '_ {
+    fn releases(&self, member: u64, used: u64) -> impl Iterator<Item = Release> + '_ {
         let refund = i64::try_from(self.tokens).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
-        self.plan.subjects.iter().map(move |s| Release { subject: s.clone(), at_sec: self.at_sec, refund })
+        self.plan.subjects.iter().map(move |s| Release {
+            subject: s.clone(),
+            member,
+            at_sec: self.at_sec,
+            refund,
+        })
     }
 }
 
@@ -165,11 +170,11 @@ impl Ticket {
         let mut local = Op { member: self.id, ..Default::default() };
         let mut shared = Op { member: self.id, ..Default::default() };
         for hold in self.released.drain(..) {
-            shared.releases.extend(hold.releases(0));
+            shared.releases.extend(hold.releases(self.id, 0));
         }
         for hold in self.targets.drain(..) {
             let op = if hold.at == Where::Local { &mut local } else { &mut shared };
-            op.releases.extend(hold.releases(used));
+            op.releases.extend(hold.releases(self.id, used));
         }
         if let (Some(k), Some(key)) = (self.key_hold.take(), &self.key) {
             let cost = self
@@ -178,7 +183,7 @@ impl Ticket {
                 i64::try_from(k.tokens).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
             let op = if k.at == Where::Local { &mut local } else { &mut shared };
             if k.charged {
-                op.releases.push(Release { subject: key.clone(), at_sec: k.at_sec, refund });
+                op.releases.push(Release { subject: key.clone(), member: self.id, at_sec: k.at_sec, refund });
             }
             if let Some(window) = k.window {
                 op.budget = BudgetOp::Refund {
@@ -213,7 +218,11 @@ impl Ticket {
         }
         match hold.at {
             Where::Local => {
-                let op = Op { member: self.id, releases: hold.releases(0).collect(), ..Default::default() };
+                let op = Op {
+                    member: self.id,
+                    releases: hold.releases(self.id, 0).collect(),
+                    ..Default::default()
+                };
                 self.admission.release_local(&op);
             }
             Where::Shared => self.released.push(hold),
@@ -227,7 +236,7 @@ impl Ticket {
         }
         let mut op = Op { member: self.id, ..Default::default() };
         for hold in self.released.drain(..) {
-            op.releases.extend(hold.releases(0));
+            op.releases.extend(hold.releases(self.id, 0));
         }
         self.admission.release_shared(op);
     }
@@ -401,7 +410,7 @@ impl Ticket {
             }
             let mut op = Op { member: self.id, lease, ..Default::default() };
             for hold in self.released.drain(..) {
-                op.releases.extend(hold.releases(0));
+                op.releases.extend(hold.releases(self.id, 0));
             }
             if let Some(k) = &key {
                 if key_charged {
