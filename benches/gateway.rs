@@ -284,8 +284,11 @@ fn bench() -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     let upstream = upstream_rt.block_on(upstream::start(options.tokens))?;
-    let collector =
-        if options.runs(Phase::Tracing) { Some(collector_rt.block_on(Collector::start())?) } else { None };
+    let collector = if options.runs(Phase::Tracing) || options.runs(Phase::Admission) {
+        Some(collector_rt.block_on(Collector::start())?)
+    } else {
+        None
+    };
     let meta = meta(&options, fd_limit);
     eprintln!(
         "gateway bench: {} mode, {} build, upstream on {}, fd limit {fd_limit}",
@@ -591,8 +594,10 @@ async fn run(
     {
         report.tracing = tracing_cost(options, plan, &config, collector).await?;
     }
-    if options.runs(Phase::Admission) {
-        report.tracing.extend(admission_cost(options, plan, upstream, &config).await?);
+    if options.runs(Phase::Admission)
+        && let Some(collector) = collector
+    {
+        report.tracing.extend(admission_cost(options, plan, upstream, &config, collector).await?);
     }
     if options.runs(Phase::TensorZero) {
         report.versus = Some(beside_tensorzero(options, plan, upstream, &config).await?);
@@ -663,13 +668,15 @@ async fn tracing_cost(
 /// prices) kept locally, then the same on a Redis on loopback
 /// (`failure_mode: closed`, so any Redis trouble shows as errors), then on
 /// Redis with every limit there is (the provider's own limits too, and a
-/// budget on the key). The limits sit far above the load: only admission's
-/// cost is measured, never a refusal.
+/// budget on the key), then the Redis limits with the OTLP exporter on too
+/// (#17 item 3: every feature). The limits sit far above the load: only
+/// admission's cost is measured, never a refusal.
 async fn admission_cost(
     options: &Options,
     plan: &Plan,
     upstream: &upstream::Upstream,
     config: &str,
+    collector: &Collector,
 ) -> Result<Vec<report::TracingVariant>, BoxError> {
     const KEY: &str = "bench-key";
     const LIMITS: &str = "{rpm: 100000000, tpm: 100000000000, concurrency: 100000}";
@@ -695,22 +702,30 @@ async fn admission_cost(
         }
         c
     };
+    // #17 item 3, every feature on: the Redis limits and prices, and the
+    // OTLP exporter sending to the bench's collector (the log line per call
+    // is on in every row).
+    let exporting = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", collector.addr)),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+    ];
     let variants = [
-        ("no limits", config.to_owned(), None),
-        ("limits, local", limited(false, false), Some(KEY)),
-        ("limits, Redis", limited(true, false), Some(KEY)),
-        ("all, Redis", limited(true, true), Some(KEY)),
+        ("no limits", config.to_owned(), None, Vec::new(), None),
+        ("limits, local", limited(false, false), Some(KEY), Vec::new(), None),
+        ("limits, Redis", limited(true, false), Some(KEY), Vec::new(), None),
+        ("all, Redis", limited(true, true), Some(KEY), Vec::new(), None),
+        ("Redis + OTLP", limited(true, false), Some(KEY), exporting, Some(&*collector.stats)),
     ];
     let mut out = Vec::new();
-    for (label, config, key) in variants {
+    for (label, config, key, env, stats) in variants {
         progress(&format!(
             "admission cost, {label}: {} calls at c=1, {:?} at c={}",
             plan.tracing_calls, plan.tracing_time, options.throughput_concurrency
         ));
         let run = phases::TracingRun {
             label,
-            env: Vec::new(),
-            collector: None,
+            env,
+            collector: stats,
             calls: plan.tracing_calls,
             concurrency: options.throughput_concurrency,
             duration: plan.tracing_time,
