@@ -119,6 +119,12 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(false)
+        // Attaching the span's OpenTelemetry context on every enter (every
+        // poll of an instrumented stream: once per delta) costs a lock, a
+        // clone and a thread-local push and pop; nothing here reads
+        // `Context::current()` (propagation takes the span's own context),
+        // and parents come from tracing's span tree either way.
+        .with_context_activation(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     tracing_subscriber::registry()
         .with(fmt)
