@@ -125,7 +125,17 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         // `Context::current()` (propagation takes the span's own context),
         // and parents come from tracing's span tree either way.
         .with_context_activation(false)
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        // Spans at INFO; of the events, those meant for spans, and warnings
+        // and errors. The call's log line (INFO, a child of its span) would
+        // otherwise be encoded a second time as a span event of fourteen
+        // attributes that repeat the span's own: most of the exporter's cost.
+        .with_filter(filter_fn(|m| {
+            if m.is_event() {
+                m.target() == super::SPAN_EVENT || *m.level() <= tracing::Level::WARN
+            } else {
+                *m.level() <= tracing::Level::INFO
+            }
+        }));
     tracing_subscriber::registry()
         .with(fmt)
         .with(otel)

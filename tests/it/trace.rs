@@ -175,6 +175,9 @@ async fn streamed_call_exports_its_span_tree_under_the_callers_trace() {
     assert_eq!(attr_int(&server, "rpc.grpc.status_code"), 0);
     assert_eq!(attr_str(&server, "llm_gateway.metadata.team"), "search");
     assert!(!attr_str(&server, "request_id").is_empty());
+    // The call's log line is a log line, not a span event: its fields are
+    // the span's attributes already.
+    assert!(server.events.iter().all(|e| e.name != "call finished"), "{:?}", server.events);
 
     let client_span = collector.span("the client span", |s| s.name == "chat gpt-4o-mini").await;
     assert_eq!(hex(&client_span.trace_id), TRACE_ID);
