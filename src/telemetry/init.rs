@@ -25,11 +25,16 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("a global subscriber is already installed")]
     AlreadyInstalled,
+    #[error("OTLP exporter thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Keeps the pipeline alive; [`Telemetry::shutdown`] flushes queued spans.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// The exporter's connection runs here (see [`ExporterRuntime`]);
+    /// dropped after the provider has flushed.
+    _exporter_rt: Option<ExporterRuntime>,
     /// Flushes buffered log lines when dropped.
     _logs: WorkerGuard,
 }
@@ -45,7 +50,36 @@ impl Telemetry {
     }
 }
 
-/// Must run inside the tokio runtime (the OTLP exporter's channel needs it).
+/// A runtime of one thread for the OTLP exporter. Its HTTP/2 connection task
+/// encodes each batch (hundreds of spans at a time): on a worker that serves
+/// calls, that stalled the calls queued behind it by a millisecond or more
+/// per export. The CPU is the same; the stall is gone.
+struct ExporterRuntime(Option<tokio::runtime::Runtime>);
+
+impl ExporterRuntime {
+    fn new() -> Result<Self, TelemetryError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .thread_name("otlp-export")
+            .enable_all()
+            .build()
+            .map_err(TelemetryError::Thread)?;
+        Ok(Self(Some(rt)))
+    }
+}
+
+impl Drop for ExporterRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            // Dropped from async code (start-up errors, shutdown): a plain
+            // drop would block a runtime thread.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The OTLP exporter, when there is one, gets a runtime of its own.
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(v),
@@ -82,14 +116,21 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
 
     let Some(endpoint) = endpoint else {
         tracing_subscriber::registry().with(fmt).try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
-        return Ok(Telemetry { provider: None, _logs: guard });
+        return Ok(Telemetry { provider: None, _exporter_rt: None, _logs: guard });
     };
 
-    let exporter = SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let exporter_rt = ExporterRuntime::new()?;
+    // Built inside the exporter's runtime, so that the channel's tasks (and
+    // the connection they start) are spawned there.
+    let exporter = {
+        let Some(rt) = &exporter_rt.0 else { return Err(TelemetryError::Exporter("no runtime".into())) };
+        let _inside = rt.enter();
+        SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?
+    };
     let service_name = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|s| !s.is_empty())
@@ -142,5 +183,5 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     super::set_exporting(true);
-    Ok(Telemetry { provider: Some(provider), _logs: guard })
+    Ok(Telemetry { provider: Some(provider), _exporter_rt: Some(exporter_rt), _logs: guard })
 }
