@@ -209,6 +209,7 @@ pub async fn tracing_variant(
     };
     let dropped = gateway.metric("llm_gateway_dropped_spans_total").await?;
     let redis_trips = gateway.metric("llm_gateway_redis_round_trip_seconds_count").await?;
+    let redis_seconds = gateway.metric("llm_gateway_redis_round_trip_seconds_sum").await?;
     if !gateway.alive() {
         return Err(format!("the \"{}\" gateway died under load:\n{}", run.label, gateway.tail()).into());
     }
@@ -224,6 +225,7 @@ pub async fn tracing_variant(
         export_requests: received.map(|r| r.1),
         dropped_spans: dropped,
         redis_trips,
+        redis_seconds,
         direct_ttft: None,
         note: None,
     })

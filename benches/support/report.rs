@@ -161,6 +161,8 @@ pub struct TracingVariant {
     pub dropped_spans: Option<f64>,
     /// Redis round trips the gateway made (`llm_gateway_redis_round_trip_seconds_count`).
     pub redis_trips: Option<f64>,
+    /// Their time, summed (`llm_gateway_redis_round_trip_seconds_sum`).
+    pub redis_seconds: Option<f64>,
     /// The same c=1 calls straight to the upstream (admission rows).
     pub direct_ttft: Option<RunResult>,
     pub note: Option<String>,
@@ -646,9 +648,10 @@ impl Report {
             }
             if let Some(trips) = v.redis_trips.filter(|&n| n > 0.0) {
                 let per_call = trips / (v.calls_total.max(1) as f64);
+                let mean_us = v.redis_seconds.unwrap_or(0.0) / trips * 1e6;
                 let _ = writeln!(
                     out,
-                    "    Redis round trips: {trips:.0} for {} calls served, {per_call:.2} per call",
+                    "    Redis round trips: {trips:.0} for {} calls served, {per_call:.2} per call, {mean_us:.0} µs each on average",
                     v.calls_total
                 );
             }
@@ -752,6 +755,7 @@ impl Report {
                 "export_requests": v.export_requests,
                 "dropped_spans": v.dropped_spans,
                 "redis_round_trips": v.redis_trips,
+                "redis_round_trip_seconds": v.redis_seconds,
                 "direct_ttft_us": v.direct_ttft.as_ref().map(|d| [percentile(&d.ttft_us, 0.5), percentile(&d.ttft_us, 0.99)]),
                 "note": v.note,
             })
