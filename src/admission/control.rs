@@ -6,22 +6,24 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::{
     Refusal, RefusalReason, Scope,
+    batch::{self, Msg, Steps, Verdict},
     budget::BudgetLimits,
     limits::Local,
-    plan::{BudgetOp, Denial, Granted, Op, RedisKeys, Subject},
+    plan::{BudgetOp, BudgetState, Denial, Granted, Op, RedisKeys, Subject},
     prices::Prices,
     queue::{TargetQueue, Waiting},
-    redis::{Answer, SetupError, Shared},
+    redis::{SetupError, Shared, Unreachable},
     ticket::Ticket,
     window::Clock,
 };
@@ -29,17 +31,6 @@ use crate::{
     config::{Config, FailureMode},
     telemetry::metrics::Metrics,
 };
-
-/// Most settles that may wait for Redis at once; past it a settle is
-/// dropped (counted as a Redis error), and its reservations age out.
-const MAX_PENDING_SETTLES: usize = 4096;
-/// How long a settle waits for an admission step to ride on before it is
-/// sent on its own. Under load an admission comes sooner, so a call costs
-/// one round trip, not two; meanwhile its reservations still count (for at
-/// most this long).
-const RIDE_FOR: Duration = Duration::from_millis(2);
-/// Most settles one step carries (the script's size stays bounded).
-const MAX_CARRIED: usize = 32;
 
 /// Where a reservation was made, so it is given back there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +75,8 @@ pub struct Admission {
     default_max_tokens: HashMap<String, u32>,
     pub(super) prices: Prices,
     pub(super) local: Local,
-    shared: Option<Shared>,
+    /// Redis, when configured: its client and the steps in flight.
+    steps: Option<Arc<Steps>>,
     failure_mode: FailureMode,
     /// What local limits are divided by while Redis is unreachable.
     pub(super) share: u64,
@@ -92,46 +84,9 @@ pub struct Admission {
     pub(super) waiting: Arc<Waiting>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) clock: Clock,
-    settles: TaskTracker,
-    /// Settles waiting for a step to ride on.
-    pending: Pending,
-}
-
-/// Redis settles not sent yet, and whether a task is due to send them.
-/// Whenever some wait, that task exists.
-#[derive(Debug, Default)]
-struct Pending {
-    state: std::sync::Mutex<(Vec<Op>, bool)>,
-}
-
-impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Op>, bool)> {
-        // Every update is one statement: a poisoned lock is still good.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues a settle: `Ok(true)` when a task must be started to send it,
-    /// `Err` when too many wait.
-    fn push(&self, op: Op) -> Result<bool, Op> {
-        let mut state = self.lock();
-        if state.0.len() >= MAX_PENDING_SETTLES {
-            return Err(op);
-        }
-        state.0.push(op);
-        Ok(!std::mem::replace(&mut state.1, true))
-    }
-
-    /// Up to `MAX_CARRIED` settles, oldest first; `due` (the sending task)
-    /// also stands down when none are left.
-    fn take(&self, due: bool) -> Vec<Op> {
-        let mut state = self.lock();
-        let n = state.0.len().min(MAX_CARRIED);
-        let taken: Vec<Op> = state.0.drain(..n).collect();
-        if due && state.0.is_empty() {
-            state.1 = false;
-        }
-        taken
-    }
+    /// The task that sends every Redis step ([`batch`]), started on first use.
+    batch: OnceLock<mpsc::UnboundedSender<Msg>>,
+    tasks: TaskTracker,
 }
 
 impl Admission {
@@ -214,7 +169,11 @@ impl Admission {
             };
             keys.insert(k.name.clone(), Arc::new(subject));
         }
-        let shared = config.redis.as_ref().map(|r| Shared::new(r, metrics.clone())).transpose()?;
+        let steps = config
+            .redis
+            .as_ref()
+            .map(|r| Shared::new(r, metrics.clone()).map(|s| Arc::new(Steps::new(s))))
+            .transpose()?;
         let share = config.redis.as_ref().map_or(1, |r| u64::from(r.replicas));
         let clock = Clock::new();
         Ok(Self {
@@ -227,29 +186,64 @@ impl Admission {
                 .collect(),
             prices: Prices::new(&config.prices),
             local: Local::new(u32::try_from(share).unwrap_or(u32::MAX), clock),
-            shared,
+            steps,
             failure_mode: config.redis.as_ref().map(|r| r.failure_mode).unwrap_or_default(),
             share,
             max_wait: config.queue.max_wait,
             waiting: Arc::new(Waiting::new(config.queue.max_waiting, metrics.clone())),
             metrics,
             clock,
-            settles: TaskTracker::new(),
-            pending: Pending::default(),
+            batch: OnceLock::new(),
+            tasks: TaskTracker::new(),
         })
     }
 
     /// Connects to Redis, when there is one, so the first call does not pay for it.
     pub async fn connect(&self) {
-        if let Some(shared) = &self.shared {
-            shared.connect().await;
+        if let Some(steps) = &self.steps {
+            steps.shared().connect().await;
         }
     }
 
     /// Waits (at most `bound`) for settles still on their way to Redis.
     pub async fn drain(&self, bound: Duration) {
-        self.settles.close();
-        let _ = tokio::time::timeout(bound, self.settles.wait()).await;
+        let Some(tx) = self.batch.get() else { return };
+        let (done, sent) = oneshot::channel();
+        if tx.send(Msg::Drain(done)).is_ok() {
+            let _ = tokio::time::timeout(bound, sent).await;
+        }
+    }
+
+    /// The Redis task's inbox, the task started on first use (in a
+    /// runtime: without one, none).
+    fn batch(self: &Arc<Self>) -> Option<&mpsc::UnboundedSender<Msg>> {
+        let steps = self.steps.as_ref()?;
+        if let Some(tx) = self.batch.get() {
+            return Some(tx);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Two first calls at once: one inbox wins, the other's is dropped
+        // before any task reads it.
+        if self.batch.set(tx).is_ok() {
+            self.tasks.spawn_on(batch::run(steps.clone(), Arc::downgrade(self), rx), &runtime);
+        }
+        self.batch.get()
+    }
+
+    /// One admission step in Redis, grouped with the others of the moment.
+    async fn ask(self: &Arc<Self>, op: Arc<Op>, bound: Duration) -> Verdict {
+        let stopped = || Err(Unreachable::Failed("the gateway's Redis task has stopped".into()));
+        let Some(tx) = self.batch() else { return stopped() };
+        let (reply, answer) = oneshot::channel();
+        if tx.send(Msg::Admit { op, reply }).is_err() {
+            return stopped();
+        }
+        match tokio::time::timeout(bound, answer).await {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(_)) => stopped(),
+            Err(_) => Err(Unreachable::Timeout(bound)),
+        }
     }
 
     /// The admission of one call, by the caller's key (None: auth off or a
@@ -273,12 +267,12 @@ impl Admission {
     }
 
     pub(super) fn shared_is_up(&self) -> Option<bool> {
-        self.shared.as_ref().map(Shared::is_up)
+        self.steps.as_deref().map(|s| s.shared().is_up())
     }
 
     /// The share the backend that decided divides limits by.
     pub(super) fn share_of(&self, at: Where) -> u64 {
-        if at == Where::Local && self.shared.is_some() { self.share } else { 1 }
+        if at == Where::Local && self.steps.is_some() { self.share } else { 1 }
     }
 
     /// Runs an admission step where reservations live now: Redis when
@@ -286,38 +280,49 @@ impl Admission {
     /// with `failure_mode: open`, locally (the releases in `op` were
     /// Redis's and are left to age out there).
     pub(super) async fn admit(
-        &self,
-        mut op: Op,
+        self: &Arc<Self>,
+        op: Op,
         refuse: impl Fn() -> Refusal,
     ) -> Result<(Where, Result<Granted, Denial>), Refusal> {
-        if let Some(shared) = &self.shared {
-            let carried = self.pending.take(false);
-            let answer = shared.run(&op, &carried).await;
-            self.landed(&carried, answer.as_ref().ok());
-            match answer {
-                Ok(answer) => {
-                    if let (Ok(g), BudgetOp::Charge { subject, .. }) = (&answer.decision, &op.budget)
-                        && let Some(b) = g.budget
-                    {
-                        self.local.mirror_budget(subject, b);
-                    }
-                    return Ok((Where::Shared, answer.decision));
+        let Some(steps) = &self.steps else { return Ok((Where::Local, self.local.run(&op))) };
+        // A step waits at most for the one in flight and its own, each
+        // bounded by the Redis timeout; past that the task is stuck.
+        let bound = steps.shared().timeout() * 3;
+        let op = Arc::new(op);
+        let verdict = match steps.try_now(&op, self).await {
+            Some(verdict) => verdict,
+            None => self.ask(op.clone(), bound).await,
+        };
+        match verdict {
+            Ok(decision) => {
+                if let (Ok(g), BudgetOp::Charge { subject, .. }) = (&decision, &op.budget)
+                    && let Some(b) = g.budget
+                {
+                    self.local.mirror_budget(subject, b);
                 }
-                Err(_) if self.failure_mode == FailureMode::Closed => return Err(refuse()),
-                Err(_) => {
-                    self.metrics.admission.local_fallback();
-                    op.releases.clear();
-                }
+                Ok((Where::Shared, decision))
+            }
+            Err(_) if self.failure_mode == FailureMode::Closed => Err(refuse()),
+            Err(_) => {
+                self.metrics.admission.local_fallback();
+                // The releases were Redis's: they age out there.
+                let local = Op {
+                    member: op.member,
+                    lease: op.lease,
+                    releases: Vec::new(),
+                    charges: op.charges.clone(),
+                    budget: op.budget.clone(),
+                };
+                Ok((Where::Local, self.local.run(&local)))
             }
         }
-        Ok((Where::Local, self.local.run(&op)))
     }
 
     /// After a step that carried settles: their refunds' figures mirrored
     /// and shown, and who waits for what they freed woken. A step that
     /// failed lost them; their reservations age out in Redis.
-    fn landed(&self, carried: &[Op], answer: Option<&Answer>) {
-        for (subject, b) in answer.map_or(&[][..], |a| &a.refunds[..]) {
+    pub(super) fn landed(&self, carried: &[Op], refunds: &[(Arc<Subject>, BudgetState)]) {
+        for (subject, b) in refunds {
             self.local.mirror_budget(subject, *b);
             self.budget_metric(subject, Some(*b));
         }
@@ -341,38 +346,23 @@ impl Admission {
 
     /// Gives back reservations made in Redis, in the background: the call
     /// that settles never waits for it. The settle rides on the next
-    /// admission step, or is sent after `RIDE_FOR` with any others waiting.
+    /// admission step, or is sent soon after with any others waiting.
     pub(super) fn release_shared(self: &Arc<Self>, op: Op) {
-        if op.is_empty() || self.shared.is_none() {
+        let Some(steps) = &self.steps else { return };
+        if op.is_empty() {
             return;
         }
-        if tokio::runtime::Handle::try_current().is_err() {
-            self.metrics.admission.redis_error("settle_dropped");
-            return;
-        }
-        match self.pending.push(op) {
+        match steps.push_settle(op) {
             Err(_) => self.metrics.admission.redis_error("settle_dropped"),
-            Ok(false) => {}
+            // The first to wait: the task sends it unless a step takes it
+            // first. Without a runtime (the gateway stopping) it waits for
+            // the next step.
             Ok(true) => {
-                let this = self.clone();
-                self.settles.spawn(async move {
-                    tokio::time::sleep(RIDE_FOR).await;
-                    this.send_pending().await;
-                });
+                if let Some(tx) = self.batch() {
+                    let _ = tx.send(Msg::SettleDue);
+                }
             }
-        }
-    }
-
-    /// Sends the settles no step took, `MAX_CARRIED` at a time.
-    async fn send_pending(&self) {
-        let Some(shared) = &self.shared else { return };
-        loop {
-            let ops = self.pending.take(true);
-            if ops.is_empty() {
-                return;
-            }
-            let answer = shared.run(&Op::default(), &ops).await;
-            self.landed(&ops, answer.as_ref().ok());
+            Ok(false) => {}
         }
     }
 

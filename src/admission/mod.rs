@@ -11,6 +11,7 @@
 //! `plan` (what a step asks of a backend), `control` (the gateway-wide
 //! state), `ticket` (one call).
 
+mod batch;
 mod budget;
 mod control;
 pub mod estimate;

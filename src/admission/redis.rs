@@ -1,6 +1,6 @@
 //! The shared backend: every replica's limits and budgets in one Redis (or
-//! Valkey), one script call per admission step, carrying the settles that
-//! wait to be sent (see `control`). The script is sent by its
+//! Valkey), one script call per admission step: the admissions that came
+//! together, and the settles that wait to be sent (see `batch`). The script is sent by its
 //! SHA-1 (EVALSHA) and, when the server does not know it (NOSCRIPT: a
 //! restart, a failover, a proxy in front of several nodes), sent whole with
 //! EVAL in the same step, never through a separate SCRIPT LOAD. Every round
@@ -28,8 +28,8 @@ use super::{
 };
 use crate::{config::RedisConfig, telemetry::metrics::Metrics};
 
-/// The script, named with its version (its first line says `llmgw_charge_v3`).
-const SCRIPT: &str = include_str!("charge_v3.lua");
+/// The script, named with its version (its first line says `llmgw_charge_v4`).
+const SCRIPT: &str = include_str!("charge_v4.lua");
 
 /// How long Redis is left alone after a failure before one call probes it.
 const PROBE_AFTER: Duration = Duration::from_millis(500);
@@ -43,7 +43,7 @@ pub enum SetupError {
 }
 
 /// Why a step did not reach a decision in Redis.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Unreachable {
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -53,12 +53,12 @@ pub enum Unreachable {
     Resting,
 }
 
-/// What a step answered: the decision on its charges, and the budget
-/// figures after each refund that landed (for the local mirror and the
-/// budget-left gauges).
+/// What a step answered: the decision on each ticket's charges, in order,
+/// and the budget figures after each refund that landed (for the local
+/// mirror and the budget-left gauges).
 #[derive(Debug)]
 pub struct Answer {
-    pub decision: Result<Granted, Denial>,
+    pub decisions: Vec<Result<Granted, Denial>>,
     pub refunds: Vec<(Arc<Subject>, BudgetState)>,
 }
 
@@ -167,38 +167,39 @@ impl Shared {
         }
     }
 
-    /// Runs one step in Redis, with the settles in `carried` riding on it
-    /// (their releases and refunds go first, whatever the decision): the
-    /// decision, or why there is none.
-    pub async fn run(&self, op: &Op, carried: &[Op]) -> Result<Answer, Unreachable> {
+    /// Runs one step in Redis: the admissions in `tickets`, with the
+    /// settles in `carried` riding on it (their releases and refunds go
+    /// first, whatever the decisions): a decision per ticket, or why there
+    /// is none.
+    pub async fn run(&self, tickets: &[&Op], carried: &[Op]) -> Result<Answer, Unreachable> {
         if !self.may_ask() {
             return Err(Unreachable::Resting);
         }
         let started = Instant::now();
-        let reply = tokio::time::timeout(self.timeout, self.eval(op, carried)).await;
+        let reply = tokio::time::timeout(self.timeout, self.eval(tickets, carried)).await;
         self.metrics.admission.redis_round_trip(started.elapsed());
         let reply = match reply {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => return Err(self.failed(Unreachable::Failed(error_text(&e)))),
             Err(_) => return Err(self.failed(Unreachable::Timeout(self.timeout))),
         };
-        match decode(&reply) {
-            Some((decision, figures)) => {
+        match decode(&reply, tickets.len()) {
+            Some((decisions, figures)) => {
                 self.succeeded();
-                let refunds = refunds(op, carried)
+                let refunds = refunds(tickets, carried)
                     .zip(figures)
                     .filter_map(|((subject, ..), b)| Some((subject.clone(), b?)))
                     .collect();
-                Ok(Answer { decision, refunds })
+                Ok(Answer { decisions, refunds })
             }
             None => Err(self.failed(Unreachable::Failed(format!("unexpected script reply {reply:?}")))),
         }
     }
 
-    async fn eval(&self, op: &Op, carried: &[Op]) -> redis::RedisResult<Vec<i64>> {
-        match self.conn.query(&command(op, carried, "EVALSHA", &self.sha)).await {
+    async fn eval(&self, tickets: &[&Op], carried: &[Op]) -> redis::RedisResult<Vec<i64>> {
+        match self.conn.query(&command(tickets, carried, "EVALSHA", &self.sha)).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.conn.query(&command(op, carried, "EVAL", SCRIPT)).await
+                self.conn.query(&command(tickets, carried, "EVAL", SCRIPT)).await
             }
             other => other,
         }
@@ -256,6 +257,10 @@ impl Shared {
         }
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn is_up(&self) -> bool {
         matches!(*self.lock(), Health::Up)
     }
@@ -266,20 +271,26 @@ fn error_text(e: &redis::RedisError) -> String {
     e.to_string()
 }
 
-/// The releases of a step: those of the settles riding on it, then its own.
-/// One that gives back nothing (no token limit to refund, no lease) is left
-/// out.
-fn releases<'a>(op: &'a Op, carried: &'a [Op]) -> impl Iterator<Item = &'a Release> {
-    carried
-        .iter()
-        .chain(std::iter::once(op))
+/// Every op of a step: the settles riding on it, then the tickets.
+fn ops<'a>(tickets: &'a [&'a Op], carried: &'a [Op]) -> impl Iterator<Item = &'a Op> {
+    carried.iter().chain(tickets.iter().copied())
+}
+
+/// The releases of a step: those of the settles riding on it, then the
+/// tickets' own (an attempt that moved to another target). One that gives
+/// back nothing (no token limit to refund, no lease) is left out.
+fn releases<'a>(tickets: &'a [&'a Op], carried: &'a [Op]) -> impl Iterator<Item = &'a Release> {
+    ops(tickets, carried)
         .flat_map(|o| &o.releases)
         .filter(|r| r.subject.has_lease() || (r.subject.limits.tpm.is_some() && r.refund != 0))
 }
 
 /// The budget refunds of a step, in the same order.
-fn refunds<'a>(op: &'a Op, carried: &'a [Op]) -> impl Iterator<Item = (&'a Arc<Subject>, u64, i64, i64)> {
-    carried.iter().chain(std::iter::once(op)).filter_map(|o| match &o.budget {
+fn refunds<'a>(
+    tickets: &'a [&'a Op],
+    carried: &'a [Op],
+) -> impl Iterator<Item = (&'a Arc<Subject>, u64, i64, i64)> {
+    ops(tickets, carried).filter_map(|o| match &o.budget {
         BudgetOp::Refund { subject, window, tokens, nano_usd } => {
             Some((subject, *window, *tokens, *nano_usd))
         }
@@ -287,50 +298,64 @@ fn refunds<'a>(op: &'a Op, carried: &'a [Op]) -> impl Iterator<Item = (&'a Arc<S
     })
 }
 
-/// The script call for `op` and the settles riding on it: `EVALSHA sha`
-/// or `EVAL body` (the layout is in the header of `charge_v3.lua`).
-fn command(op: &Op, carried: &[Op], verb: &str, script: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd(verb);
-    let charge_budget = match &op.budget {
+/// A ticket's budget charge, when it has one.
+fn budget_charge(op: &Op) -> Option<(&Arc<Subject>, u64, i64)> {
+    match &op.budget {
         BudgetOp::Charge { subject, tokens, nano_usd } => Some((subject, *tokens, *nano_usd)),
         _ => None,
-    };
-    let (nrel, nref) = (releases(op, carried).count(), refunds(op, carried).count());
-    let keys = nrel + op.charges.len() + nref + usize::from(charge_budget.is_some());
-    cmd.arg(script).arg(keys);
-    for r in releases(op, carried) {
+    }
+}
+
+/// The script call for `tickets` and the settles riding on them:
+/// `EVALSHA sha` or `EVAL body` (the layout is in the header of
+/// `charge_v4.lua`).
+fn command(tickets: &[&Op], carried: &[Op], verb: &str, script: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd(verb);
+    let (nrel, nref) = (releases(tickets, carried).count(), refunds(tickets, carried).count());
+    let charged: usize =
+        tickets.iter().map(|t| t.charges.len() + usize::from(budget_charge(t).is_some())).sum();
+    cmd.arg(script).arg(nrel + nref + charged);
+    for r in releases(tickets, carried) {
         cmd.arg(&r.subject.redis.subject);
     }
-    for (subject, ..) in refunds(op, carried) {
+    for (subject, ..) in refunds(tickets, carried) {
         cmd.arg(&subject.redis.budget);
     }
-    for c in &op.charges {
-        cmd.arg(&c.subject.redis.subject);
+    for t in tickets {
+        for c in &t.charges {
+            cmd.arg(&c.subject.redis.subject);
+        }
+        if let Some((subject, ..)) = budget_charge(t) {
+            cmd.arg(&subject.redis.budget);
+        }
     }
-    if let Some((subject, ..)) = charge_budget {
-        cmd.arg(&subject.redis.budget);
-    }
-    let lease_ms = u64::try_from(op.lease.as_millis()).unwrap_or(u64::MAX).max(1);
-    cmd.arg(op.member).arg(lease_ms).arg(nrel).arg(op.charges.len()).arg(nref);
-    cmd.arg(u8::from(charge_budget.is_some()));
-    for r in releases(op, carried) {
+    cmd.arg(nrel).arg(nref).arg(tickets.len());
+    for r in releases(tickets, carried) {
         let refund = if r.subject.limits.tpm.is_some() { r.refund } else { 0 };
         cmd.arg(r.member).arg(r.at_sec).arg(refund).arg(u8::from(r.subject.has_lease()));
     }
-    for (_, window, tokens, nano_usd) in refunds(op, carried) {
+    for (_, window, tokens, nano_usd) in refunds(tickets, carried) {
         cmd.arg(window).arg(tokens).arg(nano_usd);
     }
     let or_none = |v: Option<u64>| v.and_then(|v| i64::try_from(v).ok()).unwrap_or(-1);
-    for c in &op.charges {
-        let l = &c.subject.limits;
-        cmd.arg(or_none(l.rpm)).arg(or_none(l.tpm)).arg(or_none(l.concurrency.map(u64::from))).arg(c.tokens);
-    }
-    if let Some((subject, tokens, nano_usd)) = charge_budget {
-        let (window, ltok, lusd) = match &subject.budget {
-            Some(b) => (b.window_secs, or_none(b.tokens), b.nano_usd.unwrap_or(-1)),
-            None => (1, -1, -1),
-        };
-        cmd.arg(window).arg(ltok).arg(lusd).arg(tokens).arg(nano_usd);
+    for t in tickets {
+        let lease_ms = u64::try_from(t.lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        let charge_budget = budget_charge(t);
+        cmd.arg(t.member).arg(lease_ms).arg(t.charges.len()).arg(u8::from(charge_budget.is_some()));
+        for c in &t.charges {
+            let l = &c.subject.limits;
+            cmd.arg(or_none(l.rpm))
+                .arg(or_none(l.tpm))
+                .arg(or_none(l.concurrency.map(u64::from)))
+                .arg(c.tokens);
+        }
+        if let Some((subject, tokens, nano_usd)) = charge_budget {
+            let (window, ltok, lusd) = match &subject.budget {
+                Some(b) => (b.window_secs, or_none(b.tokens), b.nano_usd.unwrap_or(-1)),
+                None => (1, -1, -1),
+            };
+            cmd.arg(window).arg(ltok).arg(lusd).arg(tokens).arg(nano_usd);
+        }
     }
     cmd
 }
@@ -344,19 +369,25 @@ fn budget_state(tokens: i64, nano_usd: i64, window: i64) -> Option<BudgetState> 
     })
 }
 
-/// A reply, decoded: the decision, and the budget after each refund sent
-/// (none where its window had moved on).
-type Decoded = (Result<Granted, Denial>, Vec<Option<BudgetState>>);
+/// A reply, decoded: the decision on each ticket, and the budget after
+/// each refund sent (none where its window had moved on).
+type Decoded = (Vec<Result<Granted, Denial>>, Vec<Option<BudgetState>>);
 
-/// The script's answer (see the header of `charge_v3.lua`): the decision,
-/// then one triple per refund sent.
-fn decode(reply: &[i64]) -> Option<Decoded> {
-    let (head, rest) = reply.split_at_checked(5)?;
+/// The script's answer (see the header of `charge_v4.lua`): five figures
+/// per ticket, then three per refund sent.
+fn decode(reply: &[i64], tickets: usize) -> Option<Decoded> {
+    let (heads, rest) = reply.split_at_checked(tickets.checked_mul(5)?)?;
     if rest.len() % 3 != 0 {
         return None;
     }
     let refunds = rest.chunks_exact(3).map(|r| budget_state(r[0], r[1], r[2])).collect();
-    let decision = match *head {
+    let decisions = heads.chunks_exact(5).map(decision).collect::<Option<_>>()?;
+    Some((decisions, refunds))
+}
+
+/// One ticket's five figures.
+fn decision(head: &[i64]) -> Option<Result<Granted, Denial>> {
+    Some(match *head {
         [1, now_sec, tokens, nano_usd, window] => Ok(Granted {
             at_sec: u64::try_from(now_sec).ok()?,
             budget: budget_state(tokens, nano_usd, window),
@@ -380,8 +411,7 @@ fn decode(reply: &[i64]) -> Option<Decoded> {
             })
         }
         _ => return None,
-    };
-    Some((decision, refunds))
+    })
 }
 
 #[cfg(test)]
@@ -390,7 +420,7 @@ mod tests {
 
     #[test]
     fn decodes_the_script_replies() {
-        let decision = |reply: &[i64]| decode(reply).map(|(d, _)| d);
+        let decision = |reply: &[i64]| decode(reply, 1).map(|(mut d, _)| d.remove(0));
         assert_eq!(decision(&[1, 100, -1, -1, -1]), Some(Ok(Granted { at_sec: 100, budget: None })));
         assert_eq!(
             decision(&[0, 2, 1, 1500, 0]),
@@ -410,13 +440,20 @@ mod tests {
         ));
         assert_eq!(decision(&[7]), None);
         // Refund figures follow, three per refund; a window that moved on is none.
-        let (_, refunds) = decode(&[1, 0, -1, -1, -1, 40, 900, 7, -1, -1, -1]).unwrap();
+        let (_, refunds) = decode(&[1, 0, -1, -1, -1, 40, 900, 7, -1, -1, -1], 1).unwrap();
         assert_eq!(refunds, [Some(BudgetState { window: 7, tokens: 40, nano_usd: 900 }), None]);
-        assert_eq!(decode(&[1, 0, -1, -1, -1, 40]), None);
+        assert_eq!(decode(&[1, 0, -1, -1, -1, 40], 1), None);
+        // Five figures per ticket come first.
+        let (two, refunds) = decode(&[1, 9, -1, -1, -1, 0, 1, 3, -1, 0], 2).unwrap();
+        assert_eq!(two, [Ok(Granted { at_sec: 9, budget: None }), Err(Denial::Concurrency { charge: 0 })]);
+        assert!(refunds.is_empty());
+        assert_eq!(decode(&[1, 9, -1, -1, -1], 2), None);
+        // A settle-only step answers for no ticket.
+        assert_eq!(decode(&[], 0), Some((vec![], vec![])));
     }
 
     #[test]
     fn the_script_says_its_name_and_version() {
-        assert!(SCRIPT.starts_with("-- llmgw_charge_v3:"));
+        assert!(SCRIPT.starts_with("-- llmgw_charge_v4:"));
     }
 }

@@ -22,7 +22,7 @@ fn sha256_hex(s: &str) -> String {
 }
 
 /// A gateway config over the mock provider `mk`: model `m` (4 tokens),
-/// `slow` (20 tokens, 50 ms apart), `two` (target `mk/full` then `mk2/m`).
+/// `slow` (20 tokens, 50 ms apart), `long` (20 tokens, 250 ms apart), `two` (target `mk/full` then `mk2/m`).
 /// `keys` are `api_keys` entries after the name and digest; `extra` is
 /// appended as top-level keys.
 fn config(mk_limits: &str, keys: [&str; 3], extra: &str) -> String {
@@ -40,6 +40,8 @@ models:
     targets: [{{ provider: mk, model: \"lorem?tokens=4\" }}]
   slow:
     targets: [{{ provider: mk, model: \"lorem?tokens=20&delay=50ms\" }}]
+  long:
+    targets: [{{ provider: mk, model: \"lorem?tokens=20&delay=250ms\" }}]
   two:
     targets: [{{ provider: mk, model: \"full\" }}, {{ provider: mk2, model: \"lorem?tokens=4\" }}]
 api_keys:
@@ -235,9 +237,51 @@ async fn two_gateways_share_one_limit(redis: RedisServer) {
     let _: () = redis.query(redis::cmd("FLUSHALL").arg("SYNC")).await;
     let _: () = redis.query(redis::cmd("SCRIPT").arg("FLUSH")).await;
     call(&b, "key-a", "m").await.expect("admitted: the counts were flushed");
-    let sha = redis::Script::new(include_str!("../../src/admission/charge_v3.lua")).get_hash().to_owned();
+    let sha = redis::Script::new(include_str!("../../src/admission/charge_v4.lua")).get_hash().to_owned();
     let exists: Vec<i64> = redis.query(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)).await;
     assert_eq!(exists, [1], "EVAL brought the script back");
+}
+
+/// Several tickets in one step are decided in order, each seeing what the
+/// ones before it reserved; a refused one reserves nothing, and one
+/// behind it that fits is still admitted.
+#[tokio::test]
+async fn the_script_decides_the_tickets_of_a_step_in_order() {
+    let redis = RedisServer::start().await;
+    let other = "{llmgw}:v3:s:other";
+    // rpm 2 and concurrency 2 on SUBJECT; tickets a, b, c charge it, and d
+    // charges SUBJECT's neighbour `other` (rpm 1) as well.
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(include_str!("../../src/admission/charge_v4.lua")).arg(5);
+    cmd.arg(&[SUBJECT, SUBJECT, SUBJECT, other, other]);
+    cmd.arg(&[0, 0, 4]);
+    for m in ["a", "b", "c"] {
+        cmd.arg(&[m, "60000", "1", "0"]).arg(&[2, -1, 2, 10]);
+    }
+    cmd.arg(&["d", "60000", "2", "0"]).arg(&[-1, -1, -1, 10]).arg(&[1, -1, -1, 10]);
+    let answer: Vec<i64> = redis.query(&cmd).await;
+    assert_eq!(answer.len(), 20, "five figures per ticket: {answer:?}");
+    assert_eq!((answer[0], answer[5]), (1, 1), "a and b fit: {answer:?}");
+    assert_eq!(answer[10..12], [0, 1], "c is refused by its first charge: {answer:?}");
+    assert_eq!(answer[12], 1, "by rpm, not by its slot: {answer:?}");
+    assert_eq!(answer[15], 1, "d fits, behind the refusal: {answer:?}");
+    let fields = rate_fields(&redis).await;
+    assert_eq!(fields.get("R"), Some(&2), "c reserved nothing: {fields:?}");
+    assert_eq!(fields.get("C"), Some(&2), "{fields:?}");
+    assert!(
+        fields.contains_key("la") && fields.contains_key("lb") && !fields.contains_key("lc"),
+        "{fields:?}"
+    );
+    let other_fields: std::collections::HashMap<String, i64> =
+        redis.query(redis::cmd("HGETALL").arg(other)).await;
+    assert_eq!(other_fields.get("R"), Some(&1), "d's one request: {other_fields:?}");
+    // A settle-only step (no ticket) answers with the refunds alone.
+    let mut settle = redis::cmd("EVAL");
+    settle.arg(include_str!("../../src/admission/charge_v4.lua")).arg(1).arg(SUBJECT);
+    settle.arg(&[1, 0, 0]).arg("a").arg(0).arg(0).arg(1);
+    let answer: Vec<i64> = redis.query(&settle).await;
+    assert!(answer.is_empty(), "{answer:?}");
+    assert_eq!(rate_fields(&redis).await.get("C"), Some(&1), "a gave its slot back");
 }
 
 /// `cluster: true`, seeded with a node that does not own the hash tag's
@@ -328,6 +372,43 @@ async fn redis_down_with_failure_mode_open_serves_on_local_limits_and_shares_aga
     assert_eq!(admitted, 4);
 }
 
+/// Admissions that meet a step in flight share the next one: eight calls
+/// held behind a frozen Redis take two round trips, not eight.
+#[tokio::test]
+async fn admissions_that_meet_a_step_in_flight_share_the_next_round_trip() {
+    let redis = RedisServer::start().await;
+    let section = format!("redis: {{ url: \"{}\", failure_mode: closed, timeout: 10s }}\n", redis.url());
+    let gw = Gateway::start(&config("", [", limits: { rpm: 100 }", "", ""], &section)).await;
+    call(&gw, "key-a", "m").await.expect("through redis");
+    let trips = "llm_gateway_redis_round_trip_seconds_count ";
+    eventually(WAIT, "the first call's admission and settle", async || {
+        sample(&scrape(&gw).await, trips) == Some(2.0)
+    })
+    .await;
+    redis.pause();
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut client = gw.client().await;
+        streams.push(tokio::spawn(async move {
+            let request = with_key("key-a", stream_request("long", "x"));
+            let mut stream = client.stream_completion(request).await?.into_inner();
+            stream.message().await
+        }));
+    }
+    eventually(WAIT, "eight calls waiting for their admission", async || {
+        sample(&scrape(&gw).await, "llm_gateway_streams_in_flight ") == Some(8.0)
+    })
+    .await;
+    redis.resume();
+    for s in streams {
+        let first = within(WAIT, "a first delta", s).await.expect("the call's task");
+        assert!(first.expect("admitted").is_some());
+    }
+    // Read while the streams still run (5 s), before their settles.
+    let n = sample(&scrape(&gw).await, trips).expect("the round-trip histogram") - 2.0;
+    assert!((2.0..=3.0).contains(&n), "eight admissions took {n} round trips");
+}
+
 #[tokio::test]
 async fn redis_down_or_frozen_with_failure_mode_closed_fails_limited_calls_at_once() {
     let mut redis = RedisServer::start().await;
@@ -399,10 +480,10 @@ async fn a_cancelled_stream_is_charged_what_it_streamed_and_a_finished_one_its_c
 /// ticket `member`. Returns the script's answer.
 async fn charge(redis: &RedisServer, member: &str, [rpm, tpm, cc, tokens]: [i64; 4]) -> Vec<i64> {
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(include_str!("../../src/admission/charge_v3.lua"))
+    cmd.arg(include_str!("../../src/admission/charge_v4.lua"))
         .arg(1)
         .arg(SUBJECT)
-        .arg(&[member, "60000", "0", "1", "0", "0"])
+        .arg(&["0", "0", "1", member, "60000", "1", "0"])
         .arg(&[rpm, tpm, cc, tokens]);
     redis.query(&cmd).await
 }
@@ -516,13 +597,14 @@ async fn the_script_applies_carried_settles_before_the_charge() {
     let _: i64 =
         redis.query(redis::cmd("HSET").arg(budget).arg(&["w", "5", "tok", "100", "usd", "1000"])).await;
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(include_str!("../../src/admission/charge_v3.lua")).arg(5);
+    cmd.arg(include_str!("../../src/admission/charge_v4.lua")).arg(5);
     cmd.arg(&[SUBJECT, SUBJECT, SUBJECT, budget, SUBJECT]);
-    cmd.arg(&["c", "60000", "3", "1", "1", "0"]);
+    cmd.arg(&[3, 1, 1]);
     cmd.arg("a").arg(at).arg(30).arg(1);
     cmd.arg("b").arg(at).arg(0).arg(1);
     cmd.arg("a").arg(at).arg(0).arg(1);
     cmd.arg(&[5, 30, 400]);
+    cmd.arg(&["c", "60000", "1", "0"]);
     cmd.arg(&[-1, 100, 2, 50]);
     let answer: Vec<i64> = redis.query(&cmd).await;
     assert_eq!(answer[0], 1, "50 used + 50 fits tpm 100, and both slots are free: {answer:?}");
