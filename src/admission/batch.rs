@@ -159,7 +159,7 @@ fn landed(owner: &Weak<Admission>, carried: &[Op], refunds: &[(Arc<Subject>, Bud
 /// The task: runs until every sender is gone, then sends the settles still
 /// waiting. `owner` mirrors what the steps' refunds say and wakes the
 /// queues their releases freed, while it lives.
-pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::Receiver<Msg>) {
     let mut due: Option<Instant> = None;
     let mut admits: Vec<(Arc<Op>, oneshot::Sender<Verdict>)> = Vec::new();
     let mut drains: Vec<oneshot::Sender<()>> = Vec::new();
@@ -205,6 +205,11 @@ pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::Unboun
                 // out, as when its own round trip was cut short.
                 let _ = reply.send(verdict);
             }
+        }
+        // A note dropped from a full inbox: the settles it announced are
+        // still timed from here.
+        if due.is_none() {
+            due = steps.due();
         }
         if !drains.is_empty() {
             steps.send_settles(&owner).await;

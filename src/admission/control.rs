@@ -32,6 +32,10 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
+/// Room in the Redis task's inbox; a full one makes admissions wait (each
+/// within its bound).
+const INBOX: usize = 1024;
+
 /// Where a reservation was made, so it is given back there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Where {
@@ -85,7 +89,7 @@ pub struct Admission {
     pub(super) metrics: Arc<Metrics>,
     pub(super) clock: Clock,
     /// The task that sends every Redis step ([`batch`]), started on first use.
-    batch: OnceLock<mpsc::UnboundedSender<Msg>>,
+    batch: OnceLock<mpsc::Sender<Msg>>,
     tasks: TaskTracker,
 }
 
@@ -209,20 +213,25 @@ impl Admission {
     pub async fn drain(&self, bound: Duration) {
         let Some(tx) = self.batch.get() else { return };
         let (done, sent) = oneshot::channel();
-        if tx.send(Msg::Drain(done)).is_ok() {
-            let _ = tokio::time::timeout(bound, sent).await;
-        }
+        let _ = tokio::time::timeout(bound, async {
+            if tx.send(Msg::Drain(done)).await.is_ok() {
+                let _ = sent.await;
+            }
+        })
+        .await;
     }
 
     /// The Redis task's inbox, the task started on first use (in a
     /// runtime: without one, none).
-    fn batch(self: &Arc<Self>) -> Option<&mpsc::UnboundedSender<Msg>> {
+    fn batch(self: &Arc<Self>) -> Option<&mpsc::Sender<Msg>> {
         let steps = self.steps.as_ref()?;
         if let Some(tx) = self.batch.get() {
             return Some(tx);
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Each call in flight has at most one admission waiting here; a
+        // settle sends a note only when it is the first settle waiting.
+        let (tx, rx) = mpsc::channel(INBOX);
         // Two first calls at once: one inbox wins, the other's is dropped
         // before any task reads it.
         if self.batch.set(tx).is_ok() {
@@ -236,14 +245,13 @@ impl Admission {
         let stopped = || Err(Unreachable::Failed("the gateway's Redis task has stopped".into()));
         let Some(tx) = self.batch() else { return stopped() };
         let (reply, answer) = oneshot::channel();
-        if tx.send(Msg::Admit { op, reply }).is_err() {
-            return stopped();
-        }
-        match tokio::time::timeout(bound, answer).await {
-            Ok(Ok(verdict)) => verdict,
-            Ok(Err(_)) => stopped(),
-            Err(_) => Err(Unreachable::Timeout(bound)),
-        }
+        let asked = async {
+            if tx.send(Msg::Admit { op, reply }).await.is_err() {
+                return stopped();
+            }
+            answer.await.unwrap_or_else(|_| stopped())
+        };
+        tokio::time::timeout(bound, asked).await.unwrap_or(Err(Unreachable::Timeout(bound)))
     }
 
     /// The admission of one call, by the caller's key (None: auth off or a
@@ -359,7 +367,9 @@ impl Admission {
             // the next step.
             Ok(true) => {
                 if let Some(tx) = self.batch() {
-                    let _ = tx.send(Msg::SettleDue);
+                    // Full: notes already wait, and the task arms its
+                    // timer from them.
+                    let _ = tx.try_send(Msg::SettleDue);
                 }
             }
             Ok(false) => {}
