@@ -34,7 +34,7 @@ pub struct Subject {
 /// The Redis keys of a subject, all under one hash tag.
 #[derive(Debug, Default)]
 pub struct RedisKeys {
-    /// Its window, its live leases (one hash: see `charge_v3.lua`).
+    /// Its window, its live leases (one hash: see `charge_v4.lua`).
     pub subject: String,
     pub budget: String,
 }
