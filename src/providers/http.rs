@@ -17,7 +17,7 @@ use reqwest::{
 use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
 use super::{
-    DeltaStream, ProviderError,
+    DeltaStream, ProviderError, conn,
     sse::{self, Translate},
 };
 use crate::config::ProviderConfig;
@@ -47,6 +47,9 @@ pub(crate) struct Endpoint {
     redact: Option<Arc<str>>,
     pub server: Option<(String, u16)>,
     fallback: Option<Arc<Fallback>>,
+    /// For a plain-HTTP upstream reached directly: connections driven by the
+    /// reader's task (see `conn`). Anything else goes through `client`.
+    direct: Option<Arc<conn::Pool>>,
 }
 
 /// The direct route taken when the proxy fails (`proxy_fallback_direct`).
@@ -73,6 +76,12 @@ impl Endpoint {
         let target = reqwest::Url::parse(&url)
             .map_err(|e| ProviderError::Setup(format!("providers.{name}.base_url: {e}")))?;
         let api_key = api_key(config)?;
+        let direct = if config.proxy.is_none() && !proxy_from_env() {
+            let t = &config.timeouts;
+            conn::Pool::new(&target, config.pool_max_idle_per_host, t.connect, t.read)
+        } else {
+            None
+        };
         let bearer = match &api_key {
             Some(key) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
@@ -92,6 +101,7 @@ impl Endpoint {
             bearer,
             server: server_of(base),
             fallback,
+            direct,
         })
     }
 
@@ -126,11 +136,13 @@ impl Endpoint {
         request: RequestBuilder,
     ) -> impl Future<Output = Result<Response, ProviderError>> + Send + 'static {
         let fallback = self.fallback.clone();
+        let direct = self.direct.clone();
         let key = self.redact.clone();
         async move {
-            let sent = match fallback {
-                None => send(request).await,
-                Some(fallback) => fallback.send(request).await,
+            let sent = match (fallback, direct) {
+                (Some(fallback), _) => fallback.send(request).await,
+                (None, Some(pool)) => send_direct(&pool, request).await,
+                (None, None) => send(request).await,
             };
             // An upstream may quote the key it was sent in its refusal: it
             // never travels further.
@@ -281,6 +293,26 @@ pub(crate) fn server_of(base_url: &str) -> Option<(String, u16)> {
 pub(crate) async fn send(request: RequestBuilder) -> Result<Response, ProviderError> {
     let response = request.send().await.map_err(connect_error)?;
     check(response).await
+}
+
+/// [`send`] through the pool of connections driven by their readers; a URL
+/// on another host (none today) takes reqwest's way.
+async fn send_direct(pool: &Arc<conn::Pool>, request: RequestBuilder) -> Result<Response, ProviderError> {
+    let (client, request) = request.build_split();
+    let request = request.map_err(|e| ProviderError::Setup(format!("request: {}", e.without_url())))?;
+    if !pool.serves(request.url()) {
+        return check(client.execute(request).await.map_err(connect_error)?).await;
+    }
+    let answer = pool.send(request).await?;
+    check(Response::from(answer.map(reqwest::Body::wrap))).await
+}
+
+/// Whether reqwest would route plain-HTTP requests through a proxy named by
+/// the environment; the direct pool then stays out of the way.
+fn proxy_from_env() -> bool {
+    ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
 }
 
 fn connect_error(e: reqwest::Error) -> ProviderError {

@@ -3,6 +3,7 @@
 //! of gRPC, of `api/` or of `routing/`.
 
 pub mod anthropic;
+mod conn;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;

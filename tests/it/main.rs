@@ -26,6 +26,7 @@ mod limits;
 mod metrics;
 mod openai_sdk;
 mod parity;
+mod pool;
 mod reload;
 mod routing;
 mod secrets;

@@ -30,6 +30,9 @@ pub(crate) enum Step {
     Reset,
     /// Sends nothing more, ever; only the gateway closing the connection ends it.
     Hang,
+    /// Ends the body (the terminating chunk) and closes the connection
+    /// without announcing it, as an upstream's idle timeout does.
+    EndAndClose,
 }
 
 impl Step {
@@ -268,6 +271,8 @@ async fn accept(listener: TcpListener, handler: Handler, state: Arc<watch::Sende
 
 enum End {
     Finished,
+    /// Finished, then closed by the script.
+    FinishedClose,
     Close,
     Reset,
     Peer(Instant),
@@ -290,15 +295,20 @@ async fn serve_conn(
         });
         let reply = handler(index, &request);
         let end = respond(&mut stream, reply).await;
+        if matches!(end, End::FinishedClose) {
+            // Closed before the exchange shows as finished, so a test that
+            // waits for the end has the close behind it too.
+            let _ = stream.shutdown().await;
+        }
         let outcome = match end {
-            End::Finished => Outcome::Finished(Instant::now()),
+            End::Finished | End::FinishedClose => Outcome::Finished(Instant::now()),
             End::Close | End::Reset => Outcome::EndedByScript,
             End::Peer(at) => Outcome::PeerClosed(at),
         };
         state.send_modify(|ex| ex[index].outcome = outcome);
         match end {
             End::Finished => {}
-            End::Close => {
+            End::Close | End::FinishedClose => {
                 let _ = stream.shutdown().await;
                 return;
             }
@@ -404,6 +414,13 @@ async fn write_reply(wr: &mut WriteHalf<'_>, reply: Reply) -> End {
             Step::Close => return End::Close,
             Step::Reset => return End::Reset,
             Step::Hang => std::future::pending().await,
+            Step::EndAndClose => {
+                return if wr.write_all(b"0\r\n\r\n").await.is_ok() {
+                    End::FinishedClose
+                } else {
+                    End::Peer(Instant::now())
+                };
+            }
         }
     }
     if wr.write_all(b"0\r\n\r\n").await.is_err() {
