@@ -112,16 +112,15 @@ impl Pool {
     ) -> Result<http::Response<Answer>, ProviderError> {
         let mut request = self.to_http(request)?;
         loop {
-            let (mut live, reused) = match self.take() {
+            let (live, reused) = match self.take() {
                 Some(live) => (live, true),
                 None => (self.connect().await?, false),
             };
-            match exchange(&mut live, request, self.read_timeout).await {
-                Ok((head, conn_done)) => {
+            match exchange(live, request, self.read_timeout).await {
+                Ok((head, live)) => {
                     return Ok(head.map(|body| Answer {
                         body,
-                        live: Some(live),
-                        conn_done,
+                        live,
                         pool: Arc::downgrade(self),
                         read_timeout: self.read_timeout,
                         last_data: Instant::now(),
@@ -130,12 +129,8 @@ impl Pool {
                 }
                 Err(Failed::NotSent(again, _)) if reused => request = *again,
                 Err(Failed::NotSent(_, e) | Failed::Sent(e)) => return Err(ProviderError::Connect(e)),
-                Err(Failed::Timeout) => {
-                    return Err(ProviderError::Stream(format!(
-                        "no answer from the upstream for {:?} (timeouts.read)",
-                        self.read_timeout
-                    )));
-                }
+                // As reqwest's read timeout reported it.
+                Err(Failed::Timeout) => return Err(ProviderError::Connect("timed out".into())),
             }
         }
     }
@@ -163,12 +158,8 @@ impl Pool {
     /// The most recently used idle connection still open, if any.
     fn take(&self) -> Option<Live> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((live, since)) = idle.pop() {
-            if since.elapsed() >= IDLE_FOR {
-                // Everything below it waited longer still.
-                idle.clear();
-                return None;
-            }
+        expire(&mut idle);
+        while let Some((live, _)) = idle.pop() {
             if !live.sender.is_closed() {
                 return Some(live);
             }
@@ -178,26 +169,58 @@ impl Pool {
 
     fn put(&self, live: Live) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        expire(&mut idle);
         if idle.len() < self.max_idle {
             idle.push((live, Instant::now()));
         }
     }
 
+    /// Connects to the first address that answers, each address getting
+    /// its share of what is left of `timeouts.connect`.
     async fn connect(&self) -> Result<Live, ProviderError> {
-        let connect = TcpStream::connect((self.host.as_str(), self.port));
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(stream)) => stream,
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let resolve = tokio::net::lookup_host((self.host.as_str(), self.port));
+        let addrs: Vec<_> = match tokio::time::timeout_at(deadline, resolve).await {
+            Ok(Ok(addrs)) => addrs.collect(),
             Ok(Err(e)) => return Err(ProviderError::Connect(error_chain(&e))),
             Err(_) => return Err(ProviderError::Connect("timed out".into())),
         };
-        // Each token is a small write: never hold one back for the next.
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProviderError::Connect(error_chain(&e)))?;
-        Ok(Live { sender, conn })
+        let mut last = format!("{} resolves to no address", self.host);
+        for (i, addr) in addrs.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return handshake(stream).await,
+                Ok(Err(e)) => last = error_chain(&e),
+                Err(_) => last = "timed out".into(),
+            }
+        }
+        Err(ProviderError::Connect(last))
     }
+}
+
+/// Drops the connections idle for [`IDLE_FOR`] or more: the oldest, at the
+/// front (they are pushed in the order they came back).
+fn expire(idle: &mut Vec<(Live, Instant)>) {
+    let old = idle.partition_point(|(_, since)| since.elapsed() >= IDLE_FOR);
+    idle.drain(..old);
+}
+
+async fn handshake(stream: TcpStream) -> Result<Live, ProviderError> {
+    // Each token is a small write: never hold one back for the next.
+    let _ = stream.set_nodelay(true);
+    // reqwest's keep-alive probes: a connection lost to a NAT timeout or a
+    // vanished pod fails at once in the pool, not after `timeouts.read`.
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(15))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&probes);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProviderError::Connect(error_chain(&e)))?;
+    Ok(Live { sender, conn })
 }
 
 enum Failed {
@@ -208,47 +231,55 @@ enum Failed {
 }
 
 /// Sends `request` on `live` and waits for the answer's head, driving the
-/// connection meanwhile: nothing else does. Also says whether the connection
-/// has ended (its answer may still be buffered in the body).
+/// connection meanwhile: nothing else does. Gives the connection back with
+/// the head, unless it has ended.
 async fn exchange(
-    live: &mut Live,
+    live: Live,
     request: http::Request<reqwest::Body>,
     read_timeout: Duration,
-) -> Result<(http::Response<Incoming>, bool), Failed> {
-    let Live { sender, conn } = live;
+) -> Result<(http::Response<Incoming>, Option<Live>), Failed> {
+    let Live { mut sender, conn } = live;
+    let mut conn = Some(conn);
     // The connection first: an idle one reads the close the upstream sent
-    // meanwhile, and a new one says it is ready for a request.
-    let ready = std::future::poll_fn(|cx| match Pin::new(&mut *conn).poll(cx) {
-        Poll::Ready(Ok(())) => Poll::Ready(Err("the upstream closed the connection".to_owned())),
-        Poll::Ready(Err(e)) => Poll::Ready(Err(error_chain(&e))),
-        Poll::Pending => sender.poll_ready(cx).map_err(|e| error_chain(&e)),
+    // meanwhile, and a new one says it is ready for a request. One that is
+    // still writing an earlier request's body, to an upstream that stopped
+    // reading, is given up after `timeouts.read`.
+    let ready = std::future::poll_fn(|cx| match conn.as_mut().map(|c| Pin::new(c).poll(cx)) {
+        Some(Poll::Ready(Ok(()))) | None => Poll::Ready(Err("the upstream closed the connection".to_owned())),
+        Some(Poll::Ready(Err(e))) => Poll::Ready(Err(error_chain(&e))),
+        Some(Poll::Pending) => sender.poll_ready(cx).map_err(|e| error_chain(&e)),
     });
-    if let Err(e) = ready.await {
-        return Err(Failed::NotSent(Box::new(request), e));
+    match tokio::time::timeout(read_timeout, ready).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Failed::NotSent(Box::new(request), e)),
+        Err(_) => return Err(Failed::NotSent(Box::new(request), "timed out".into())),
     }
-    let mut answer = pin!(sender.try_send_request(request));
-    let mut conn_done = false;
-    let head = std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        if !conn_done && Pin::new(&mut *conn).poll(cx).is_ready() {
-            // The dispatcher ended: the answer resolves with its reason.
-            conn_done = true;
-            return Poll::Ready(match answer.as_mut().poll(cx) {
-                Poll::Ready(r) => Some(r),
-                Poll::Pending => None,
-            });
-        }
-        Poll::Pending
-    });
-    match tokio::time::timeout(read_timeout, head).await {
-        Ok(Some(Ok(head))) => Ok((head, conn_done)),
-        Ok(Some(Err(mut e))) => match e.take_message() {
+    let head = {
+        let mut answer = pin!(sender.try_send_request(request));
+        let head = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if let Some(c) = &mut conn
+                && Pin::new(c).poll(cx).is_ready()
+            {
+                // The dispatcher ended. Dropping it hands back a request it
+                // never wrote; the answer resolves with its reason either way.
+                conn = None;
+                return answer.as_mut().poll(cx);
+            }
+            Poll::Pending
+        });
+        tokio::time::timeout(read_timeout, head).await
+    };
+    match head {
+        // A connection that ended with the head delivered has put its whole
+        // answer in the body already: nothing is left to drive.
+        Ok(Ok(head)) => Ok((head, conn.map(|conn| Live { sender, conn }))),
+        Ok(Err(mut e)) => match e.take_message() {
             Some(request) => Err(Failed::NotSent(Box::new(request), error_chain(&e.into_error()))),
             None => Err(Failed::Sent(error_chain(&e.into_error()))),
         },
-        Ok(None) => Err(Failed::Sent("the upstream closed the connection before answering".into())),
         Err(_) => Err(Failed::Timeout),
     }
 }
@@ -256,9 +287,9 @@ async fn exchange(
 /// An answer's body, read by driving its connection from the reader's task.
 pub(crate) struct Answer {
     body: Incoming,
-    /// None once the body ended (returned to the pool) or broke.
+    /// None once the connection ended, or the body ended (the connection
+    /// went back to the pool) or broke.
     live: Option<Live>,
-    conn_done: bool,
     pool: Weak<Pool>,
     read_timeout: Duration,
     last_data: Instant,
@@ -269,14 +300,15 @@ pub(crate) struct Answer {
 
 impl Answer {
     /// The body ended: its connection goes back to the pool unless the
-    /// upstream is closing it.
+    /// upstream is closing it or it is still busy with the request (an
+    /// upstream that answered before reading a whole prompt).
     fn finish(&mut self, cx: &mut Context<'_>) {
         let Some(mut live) = self.live.take() else {
             return;
         };
         // One more turn lets the dispatcher see the end of the message (and
         // a `Connection: close`).
-        if self.conn_done || Pin::new(&mut live.conn).poll(cx).is_ready() {
+        if Pin::new(&mut live.conn).poll(cx).is_ready() || !live.sender.is_ready() {
             return;
         }
         if let Some(pool) = self.pool.upgrade() {
@@ -335,17 +367,13 @@ impl Body for Answer {
         // The body's next chunk comes from the connection, which only moves
         // when polled: decode what has arrived, then look again.
         if let Some(live) = &mut this.live
-            && !this.conn_done
             && Pin::new(&mut live.conn).poll(cx).is_ready()
         {
-            this.conn_done = true;
+            // Ended: what it decoded is in the body, with its end or error.
+            this.live = None;
         }
         if let Poll::Ready(frame) = this.poll_body(cx) {
             return Poll::Ready(frame);
-        }
-        if this.live.is_none() {
-            // Broken or finished already: the body says which.
-            return Poll::Ready(None);
         }
         match this.poll_quiet(cx) {
             Poll::Ready(e) => Poll::Ready(Some(Err(e))),
@@ -354,7 +382,9 @@ impl Body for Answer {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        // Not before `finish` has run: a reader that stops at the last byte
+        // would drop a connection that could have been pooled.
+        self.live.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
