@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
+use llm_gateway::api::pb::llm_gateway_client::LlmGatewayClient;
+
 use crate::{
-    harness::{CLOSE_BOUND, Gateway, KEY_ENV, WAIT, stream_call, stream_request, within},
+    harness::{Binary, CLOSE_BOUND, Gateway, KEY_ENV, WAIT, connect, stream_call, stream_request, within},
+    socks::Socks,
     upstream::{Reply, Step, Upstream},
     wire::openai,
 };
@@ -100,4 +103,21 @@ async fn a_body_quiet_past_timeouts_read_breaks_off_and_closes_the_upstream() {
     assert!(took < read + WAIT, "broke off after {took:?}");
     let closed = within(WAIT, "the upstream to see its connection close", up.closed()).await;
     assert!(closed.saturating_duration_since(started) < read + CLOSE_BOUND);
+}
+
+#[tokio::test]
+async fn a_proxy_named_by_the_environment_still_carries_the_calls() {
+    // The direct connections are for upstreams reached with no proxy: with
+    // ALL_PROXY set, reqwest (which reads it) takes the call to the proxy.
+    let up = Upstream::start(Reply::events(&answer("via proxy"))).await;
+    let socks = Socks::start().await;
+    let proxy = format!("socks5://{}", socks.addr());
+    let gw = Binary::start(&config(&up.base_url(), ""), &[("ALL_PROXY", &proxy)]).await;
+    let mut client = LlmGatewayClient::new(connect(gw.grpc).await);
+    let got = stream_call(&mut client, stream_request("chat", "hi")).await;
+    assert!(got.end.is_ok(), "{got:?}");
+    assert_eq!(got.text(), "via proxy");
+    let connects = socks.connects();
+    assert_eq!(connects.len(), 1, "{connects:?}");
+    assert!(connects[0].0.ends_with(&format!(":{}", up.addr().port())), "{connects:?}");
 }
