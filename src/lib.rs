@@ -14,6 +14,7 @@ pub mod providers;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod streams;
 pub mod telemetry;
 pub mod tls;
 pub mod watchdog;

@@ -6,10 +6,11 @@
 //! ageing and the connection limits (`listener`) are explicit. The HTTP
 //! front door: HTTP/1.1 (keep-alive) and h2c (or, over TLS, either by ALPN)
 //! on one port, with the same limits; it drains and ages its connections
-//! the same way. Each HTTP/2 stream runs as a task of [`StreamExec`], under
-//! the call's deadline watchdog (`watchdog`), and so does each HTTP front
-//! door connection (HTTP/1.1 serves one call at a time on it), so that a
-//! caller that stops reading cannot hold a call past its deadline.
+//! the same way. Each HTTP/2 stream runs under [`StreamExec`] (on its
+//! connection's task or on one of its own: `streams`), under the call's
+//! deadline watchdog (`watchdog`), and so does each HTTP front door
+//! connection (HTTP/1.1 serves one call at a time on it), so that a caller
+//! that stops reading cannot hold a call past its deadline.
 
 use std::{fmt::Display, sync::Arc, time::Duration};
 
@@ -25,40 +26,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::ServerConfig,
     listener::{Admitted, Expiry, Gate},
+    streams::{self, StreamExec},
     tls::{Stream, TlsAcceptor},
     watchdog,
 };
 
 const CONNECTION_WINDOW: u32 = 8 << 20;
 const STREAM_WINDOW: u32 = 1 << 20;
-
-/// Runs hyper's HTTP/2 stream tasks: each under the watchdog of the call it
-/// serves, and tracked, so that the drain knows when the last has ended.
-#[derive(Clone)]
-pub struct StreamExec {
-    streams: TaskTracker,
-}
-
-impl StreamExec {
-    pub fn new() -> Self {
-        Self { streams: TaskTracker::new() }
-    }
-}
-
-impl Default for StreamExec {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<F> hyper::rt::Executor<F> for StreamExec
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, task: F) {
-        self.streams.spawn(watchdog::guard(task));
-    }
-}
 
 /// Serves `routes` on `listener` (over TLS with `tls`) until `draining`
 /// fires; then closes the listener (new connections are refused) and
@@ -130,7 +104,7 @@ where
                 },
             };
             let conn = http2.serve_connection(TokioIo::new(stream), admitted.track(service));
-            drive(conn, admitted, goaway, max_age).await;
+            streams::on_connection(drive(conn, admitted, goaway, max_age)).await;
         });
         // Reap finished connections so the set does not grow with them.
         while connection_set.try_join_next().is_some() {}
@@ -188,7 +162,7 @@ pub async fn serve_http(
             // An HTTP/1.1 call runs on the connection's task: its deadline
             // is watched here (an HTTP/2 one arms its stream's task instead,
             // never this one).
-            watchdog::guard(drive(conn, admitted, goaway, max_age)).await;
+            streams::on_connection(watchdog::guard(drive(conn, admitted, goaway, max_age))).await;
         });
         while connection_set.try_join_next().is_some() {}
     }
