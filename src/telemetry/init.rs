@@ -7,7 +7,6 @@ use opentelemetry_sdk::{
     Resource,
     trace::{Sampler, SdkTracerProvider},
 };
-use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::{FilterExt, filter_fn},
@@ -27,6 +26,8 @@ pub enum TelemetryError {
     AlreadyInstalled,
     #[error("OTLP exporter thread: {0}")]
     Thread(std::io::Error),
+    #[error("log writer thread: {0}")]
+    LogThread(std::io::Error),
 }
 
 /// Keeps the pipeline alive; [`Telemetry::shutdown`] flushes queued spans.
@@ -35,8 +36,8 @@ pub struct Telemetry {
     /// The exporter's connection runs here (see [`ExporterRuntime`]);
     /// dropped after the provider has flushed.
     _exporter_rt: Option<ExporterRuntime>,
-    /// Flushes buffered log lines when dropped.
-    _logs: WorkerGuard,
+    /// Writes the log lines still waiting when dropped.
+    _logs: super::logbuf::Guard,
 }
 
 impl Telemetry {
@@ -79,9 +80,6 @@ impl Drop for ExporterRuntime {
     }
 }
 
-/// Log lines queued for the writer thread before new ones are dropped.
-const LOG_LINES: usize = 16_384;
-
 /// The OTLP exporter, when there is one, gets a runtime of its own.
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
@@ -90,20 +88,10 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     }
     .map_err(|e| TelemetryError::Filter(e.to_string()))?;
 
-    // Log lines go through a bounded buffer to a writer thread, so a slow
-    // stdout never blocks a runtime thread (lines are dropped when it is full).
-    // The thread flushes whenever it has drained the buffer: under load the
-    // lines of many calls go out in one write instead of one write each.
-    //
-    // The buffer's slots are allocated and written when it is made: the
-    // crate's default of 128,000 lines was 4 MB of resident memory at idle,
-    // a fifth of the gateway's. 16,384 lines hold five seconds of one line
-    // per call at this VM's saturation.
-    let stdout = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_LINES)
-        .lossy(true)
-        .finish(stdout);
+    // Log lines go to stdout through a bounded buffer and a writer thread
+    // of their own (`logbuf`), so a slow stdout never blocks a runtime
+    // thread, and a line costs a call no wake-up of another thread.
+    let (writer, guard) = super::logbuf::start(std::io::stdout()).map_err(TelemetryError::LogThread)?;
     let fmt = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(writer)

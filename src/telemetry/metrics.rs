@@ -156,6 +156,11 @@ impl Metrics {
             "Spans dropped because the export queue was full",
             dropped_spans.clone(),
         );
+        registry.register(
+            "llm_gateway_dropped_log_lines",
+            "Log lines dropped because stdout did not keep up",
+            super::logbuf::DROPPED_LINES.clone(),
+        );
         let routing = super::routing_metrics::RoutingMetrics::register(&mut registry);
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         registry.register(

@@ -6,6 +6,7 @@ pub mod admission_metrics;
 mod export;
 mod init;
 pub mod listener_metrics;
+mod logbuf;
 pub mod metrics;
 pub mod routing_metrics;
 
