@@ -392,7 +392,8 @@ async fn admissions_that_meet_a_step_in_flight_share_the_next_round_trip() {
         streams.push(tokio::spawn(async move {
             let request = with_key("key-a", stream_request("long", "x"));
             let mut stream = client.stream_completion(request).await?.into_inner();
-            stream.message().await
+            let first = stream.message().await?;
+            Ok::<_, tonic::Status>((stream, first))
         }));
     }
     eventually(WAIT, "eight calls waiting for their admission", async || {
@@ -400,13 +401,19 @@ async fn admissions_that_meet_a_step_in_flight_share_the_next_round_trip() {
     })
     .await;
     redis.resume();
+    // The streams are kept open: a stream dropped here would cancel its
+    // call, whose settle would be one more round trip in the count.
+    let mut open = Vec::new();
     for s in streams {
-        let first = within(WAIT, "a first delta", s).await.expect("the call's task");
-        assert!(first.expect("admitted").is_some());
+        let (stream, first) =
+            within(WAIT, "a first delta", s).await.expect("the call's task").expect("admitted");
+        assert!(first.is_some());
+        open.push(stream);
     }
     // Read while the streams still run (5 s), before their settles.
     let n = sample(&scrape(&gw).await, trips).expect("the round-trip histogram") - 2.0;
     assert!((2.0..=3.0).contains(&n), "eight admissions took {n} round trips");
+    drop(open);
 }
 
 #[tokio::test]
