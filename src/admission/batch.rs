@@ -29,6 +29,10 @@ use super::{
 /// a call costs one round trip or less, not two; meanwhile its
 /// reservations still count (for at most this long).
 const RIDE_FOR: Duration = Duration::from_millis(2);
+/// The same for a call admitted ahead ([`super::ahead`]): its limits are
+/// far from full, so its reservations may count a little longer, and the
+/// settles of many calls share a step.
+const RIDE_FOR_AHEAD: Duration = Duration::from_millis(20);
 /// Most settles one step carries, and most admissions one step decides
 /// (the script's size stays bounded).
 const MAX_CARRIED: usize = 32;
@@ -45,8 +49,8 @@ pub enum Msg {
     /// An admission that found a step in flight: its decision comes back
     /// on `reply`.
     Admit { op: Arc<Op>, reply: oneshot::Sender<Verdict> },
-    /// Settles wait where there were none: send them in `RIDE_FOR` if no
-    /// step takes them first.
+    /// A settle waits that is due before any other: the task's timer is
+    /// set from the settles waiting.
     SettleDue,
     /// Sends every settle waiting now, then answers.
     Drain(oneshot::Sender<()>),
@@ -57,7 +61,7 @@ pub enum Msg {
 pub struct Steps {
     shared: Shared,
     turn: Semaphore,
-    /// Settles waiting, with when each came.
+    /// Settles waiting, with when each is due to go.
     pending: Mutex<Vec<(Instant, Op)>>,
 }
 
@@ -81,20 +85,23 @@ impl Steps {
         pending.drain(..n).map(|(_, op)| op).collect()
     }
 
-    /// When the oldest settle waiting is due to go on its own.
+    /// When the first settle waiting is due to go on its own.
     fn due(&self) -> Option<Instant> {
-        self.pending().first().map(|(at, _)| *at + RIDE_FOR)
+        self.pending().iter().map(|(due, _)| *due).min()
     }
 
-    /// Queues a settle: `Ok(true)` when none waited before (the task must
-    /// be told), `Err` when too many wait.
-    pub fn push_settle(&self, op: Op) -> Result<bool, Op> {
+    /// Queues a settle (of a call admitted ahead, when `ahead`): `Ok(true)`
+    /// when it is due before every other waiting (the task must be told),
+    /// `Err` when too many wait.
+    pub fn push_settle(&self, op: Op, ahead: bool) -> Result<bool, Op> {
+        let due = Instant::now() + if ahead { RIDE_FOR_AHEAD } else { RIDE_FOR };
         let mut pending = self.pending();
         if pending.len() >= MAX_PENDING_SETTLES {
             return Err(op);
         }
-        pending.push((Instant::now(), op));
-        Ok(pending.len() == 1)
+        let first = pending.iter().all(|(d, _)| due < *d);
+        pending.push((due, op));
+        Ok(first)
     }
 
     /// Sends `op`'s step here and now when no step is in flight (`None`:
@@ -176,7 +183,7 @@ pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::Receiv
             steps.send_settles(&owner).await;
             return;
         };
-        let mut inbox = Inbox { admits: &mut admits, due: &mut due, drains: &mut drains };
+        let mut inbox = Inbox { admits: &mut admits, drains: &mut drains };
         inbox.sort(first);
         while let Ok(msg) = rx.try_recv() {
             inbox.sort(msg);
@@ -187,7 +194,7 @@ pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::Receiv
             while admits.len() < MAX_TICKETS
                 && let Ok(msg) = rx.try_recv()
             {
-                Inbox { admits: &mut admits, due: &mut due, drains: &mut drains }.sort(msg);
+                Inbox { admits: &mut admits, drains: &mut drains }.sort(msg);
             }
             let n = admits.len().min(MAX_TICKETS);
             let batch: Vec<_> = admits.drain(..n).collect();
@@ -206,11 +213,9 @@ pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::Receiv
                 let _ = reply.send(verdict);
             }
         }
-        // A note dropped from a full inbox: the settles it announced are
-        // still timed from here.
-        if due.is_none() {
-            due = steps.due();
-        }
+        // Timed from the settles waiting, so a note dropped from a full
+        // inbox loses nothing.
+        due = steps.due();
         if !drains.is_empty() {
             steps.send_settles(&owner).await;
             for done in drains.drain(..) {
@@ -228,7 +233,6 @@ pub async fn run(steps: Arc<Steps>, owner: Weak<Admission>, mut rx: mpsc::Receiv
 /// Where each message goes.
 struct Inbox<'a> {
     admits: &'a mut Vec<(Arc<Op>, oneshot::Sender<Verdict>)>,
-    due: &'a mut Option<Instant>,
     drains: &'a mut Vec<oneshot::Sender<()>>,
 }
 
@@ -236,11 +240,9 @@ impl Inbox<'_> {
     fn sort(&mut self, msg: Msg) {
         match msg {
             Msg::Admit { op, reply } => self.admits.push((op, reply)),
-            // A settle taken by a step before this is read is harmless:
-            // the timer then finds none due.
-            Msg::SettleDue => {
-                self.due.get_or_insert_with(|| Instant::now() + RIDE_FOR);
-            }
+            // The timer is set from the settles waiting once the inbox is
+            // read; one taken by a step meanwhile is simply not there.
+            Msg::SettleDue => {}
             Msg::Drain(done) => self.drains.push(done),
         }
     }

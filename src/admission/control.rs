@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{
     Refusal, RefusalReason, Scope,
+    ahead::{Ahead, Grant},
     batch::{self, Msg, Steps, Verdict},
     budget::BudgetLimits,
     limits::Local,
@@ -90,6 +91,8 @@ pub struct Admission {
     pub(super) clock: Clock,
     /// The task that sends every Redis step ([`batch`]), started on first use.
     batch: OnceLock<mpsc::Sender<Msg>>,
+    /// Admissions made ahead of their calls (Redis only).
+    ahead: Ahead,
     tasks: TaskTracker,
 }
 
@@ -198,6 +201,7 @@ impl Admission {
             metrics,
             clock,
             batch: OnceLock::new(),
+            ahead: Ahead::default(),
             tasks: TaskTracker::new(),
         })
     }
@@ -211,6 +215,7 @@ impl Admission {
 
     /// Waits (at most `bound`) for settles still on their way to Redis.
     pub async fn drain(&self, bound: Duration) {
+        self.ahead.close(self);
         let Some(tx) = self.batch.get() else { return };
         let (done, sent) = oneshot::channel();
         let _ = tokio::time::timeout(bound, async {
@@ -252,6 +257,45 @@ impl Admission {
             answer.await.unwrap_or_else(|_| stopped())
         };
         tokio::time::timeout(bound, asked).await.unwrap_or(Err(Unreachable::Timeout(bound)))
+    }
+
+    /// An admission made ahead of its call ([`Ahead`]): through the task,
+    /// so that a pool's grants share one step.
+    pub(super) async fn ask_ahead(self: &Arc<Self>, op: Op) -> Verdict {
+        let Some(steps) = &self.steps else {
+            return Err(Unreachable::Failed("no Redis is configured".into()));
+        };
+        let bound = steps.shared().timeout() * 3;
+        let op = Arc::new(op);
+        let verdict = self.ask(op.clone(), bound).await;
+        if let (Ok(Ok(g)), BudgetOp::Charge { subject, .. }) = (&verdict, &op.budget)
+            && let Some(b) = g.budget
+        {
+            self.local.mirror_budget(subject, b);
+        }
+        verdict
+    }
+
+    /// A grant made ahead for a call's first reservation on `plan`, when
+    /// Redis decides, answers, and nobody waits at the target.
+    pub(super) fn take_ahead(
+        self: &Arc<Self>,
+        key: Option<&Arc<Subject>>,
+        plan: &Arc<TargetPlan>,
+        tokens: u64,
+        nano_usd: i64,
+    ) -> Option<Grant> {
+        if self.shared_is_up() != Some(true) || !plan.queue.is_empty() || plan.marked_full(&self.clock) {
+            return None;
+        }
+        self.ahead.take(self, key, plan, tokens, nano_usd)
+    }
+
+    /// Runs `task` on the gateway's runtime, tracked (none without one).
+    pub(super) fn spawn_tracked(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks.spawn_on(task, &runtime);
+        }
     }
 
     /// The admission of one call, by the caller's key (None: auth off or a
@@ -354,25 +398,37 @@ impl Admission {
 
     /// Gives back reservations made in Redis, in the background: the call
     /// that settles never waits for it. The settle rides on the next
-    /// admission step, or is sent soon after with any others waiting.
-    pub(super) fn release_shared(self: &Arc<Self>, op: Op) {
+    /// admission step, or is sent soon after with any others waiting
+    /// (later when the call was admitted `ahead`: see [`batch`]).
+    pub(super) fn release_shared(self: &Arc<Self>, op: Op, ahead: bool) {
         let Some(steps) = &self.steps else { return };
         if op.is_empty() {
             return;
         }
-        match steps.push_settle(op) {
+        match steps.push_settle(op, ahead) {
             Err(_) => self.metrics.admission.redis_error("settle_dropped"),
-            // The first to wait: the task sends it unless a step takes it
-            // first. Without a runtime (the gateway stopping) it waits for
-            // the next step.
+            // Due before the others: the task sends it unless a step takes
+            // it first. Without a runtime (the gateway stopping) it waits
+            // for the next step.
             Ok(true) => {
                 if let Some(tx) = self.batch() {
-                    // Full: notes already wait, and the task arms its
-                    // timer from them.
+                    // Full: notes already wait, and the task sets its
+                    // timer from the settles waiting.
                     let _ = tx.try_send(Msg::SettleDue);
                 }
             }
             Ok(false) => {}
+        }
+    }
+
+    /// Queues a settle for the next step without telling the task: the
+    /// drain that follows sends it.
+    pub(super) fn queue_settle(&self, op: Op) {
+        if let Some(steps) = &self.steps
+            && !op.is_empty()
+            && steps.push_settle(op, true).is_err()
+        {
+            self.metrics.admission.redis_error("settle_dropped");
         }
     }
 
@@ -394,6 +450,15 @@ impl Admission {
             description: "limits are kept in Redis, which is unreachable (redis.failure_mode: closed)".into(),
             retry_after: None,
         }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // A config reload drops the old admission once its last call ends:
+        // the reservations held ahead go with its last settles, which the
+        // Redis task sends once this admission's inbox is gone.
+        self.ahead.close(self);
     }
 }
 

@@ -8,9 +8,12 @@
 //! `estimate` (tokens of a request), `window` (60 s sliding windows),
 //! `limits` (the local backend), `queue` (FIFO waiters), `budget` (per-key
 //! windows), `prices` (USD), `redis` (the shared backend and its script),
+//! `batch` (Redis steps shared by the calls of a moment), `ahead`
+//! (admissions made before their calls, under limits far from full),
 //! `plan` (what a step asks of a backend), `control` (the gateway-wide
 //! state), `ticket` (one call).
 
+mod ahead;
 mod batch;
 mod budget;
 mod control;

@@ -85,6 +85,8 @@ pub struct Ticket {
     streamed: u32,
     settled: bool,
     admitted: bool,
+    /// Admitted by a reservation made ahead: its settle may wait longer.
+    ahead: bool,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -120,6 +122,7 @@ impl Ticket {
             streamed: 0,
             settled: false,
             admitted: false,
+            ahead: false,
         }
     }
 
@@ -195,7 +198,7 @@ impl Ticket {
             }
         }
         self.admission.release_local(&local);
-        self.admission.release_shared(shared);
+        self.admission.release_shared(shared, self.ahead);
     }
 
     /// The lease of a reservation made now.
@@ -238,7 +241,7 @@ impl Ticket {
         for hold in self.released.drain(..) {
             op.releases.extend(hold.releases(self.id, 0));
         }
-        self.admission.release_shared(op);
+        self.admission.release_shared(op, false);
     }
 
     fn count_admitted(&mut self) {
@@ -368,6 +371,36 @@ impl Ticket {
             }
             _ => 0,
         };
+        // A call's first reservation, under limits far from full: one made
+        // ahead in Redis, when the target's pool holds one (see `ahead`).
+        if self.key_hold.is_none()
+            && self.targets.is_empty()
+            && self.released.is_empty()
+            && let Some(plan) = &plan
+            && let Some(g) = admission.take_ahead(key.as_ref(), plan, tokens, nano)
+        {
+            self.id = g.member;
+            self.ahead = true;
+            if key.is_some() {
+                self.key_hold = Some(KeyHold {
+                    at: Where::Shared,
+                    at_sec: g.at_sec,
+                    tokens: g.tokens,
+                    nano_usd: g.nano_usd,
+                    charged: key_charged,
+                    window: g.window,
+                });
+            }
+            self.targets.push(TargetHold {
+                plan: plan.clone(),
+                at: Where::Shared,
+                at_sec: g.at_sec,
+                tokens: g.tokens,
+            });
+            admission.metrics.admission.admitted_ahead();
+            self.count_admitted();
+            return Ok(());
+        }
         let limits: Vec<_> = subjects.iter().map(|s| &s.limits).collect();
         let mut place: Option<(Place, WaitSlot)> = None;
         let mut poll = POLL_MIN;

@@ -43,6 +43,8 @@ pub struct AdmissionMetrics {
     redis_errors: Family<KindLabels, Counter>,
     redis_up: Gauge<i64, AtomicI64>,
     local_fallback: Counter,
+    admitted_ahead: Counter,
+    held_ahead: Gauge<i64, AtomicI64>,
 }
 
 impl AdmissionMetrics {
@@ -60,6 +62,8 @@ impl AdmissionMetrics {
             redis_errors: Family::default(),
             redis_up: Gauge::default(),
             local_fallback: Counter::default(),
+            admitted_ahead: Counter::default(),
+            held_ahead: Gauge::default(),
         };
         registry.register(
             "llm_gateway_admission_admitted",
@@ -113,6 +117,16 @@ impl AdmissionMetrics {
             "Admission steps decided by local limits because Redis was unreachable",
             m.local_fallback.clone(),
         );
+        registry.register(
+            "llm_gateway_admission_admitted_ahead",
+            "Calls admitted by a reservation made in Redis before they came",
+            m.admitted_ahead.clone(),
+        );
+        registry.register(
+            "llm_gateway_admission_held_ahead",
+            "Reservations made in Redis ahead of calls, held now",
+            m.held_ahead.clone(),
+        );
         m
     }
 }
@@ -158,5 +172,15 @@ impl AdmissionMetrics {
 
     pub fn local_fallback(&self) {
         self.local_fallback.inc();
+    }
+
+    /// A call took a reservation made ahead.
+    pub fn admitted_ahead(&self) {
+        self.admitted_ahead.inc();
+    }
+
+    /// Reservations made ahead came (`delta` > 0) or went.
+    pub fn held_ahead(&self, delta: i64) {
+        self.held_ahead.inc_by(delta);
     }
 }

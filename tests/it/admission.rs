@@ -416,6 +416,56 @@ async fn admissions_that_meet_a_step_in_flight_share_the_next_round_trip() {
     drop(open);
 }
 
+/// Under limits far from full, calls take reservations made in Redis
+/// ahead of them: one goes ahead while Redis is frozen, and those never
+/// taken are given back whole (tokens, budget and leases).
+#[tokio::test]
+async fn calls_under_limits_far_from_full_take_reservations_made_ahead_and_the_rest_are_given_back() {
+    const BUDGET: u64 = 1_000_000_000;
+    let redis = RedisServer::start().await;
+    let section = format!("redis: {{ url: \"{}\", failure_mode: closed, timeout: 10s }}\n", redis.url());
+    let key = format!(
+        ", limits: {{ rpm: 1000000, tpm: 1000000000, concurrency: 100000 }}, budget: {{ tokens: {BUDGET}, window: 1d }}"
+    );
+    let mk = "    model_limits: { \"lorem?tokens=4\": { rpm: 1000000, concurrency: 100000 } }";
+    let gw = Gateway::start(&config(mk, [&key, "", ""], &section)).await;
+    let held = "llm_gateway_admission_held_ahead ";
+    // Calls close together: the pool starts holding some.
+    let mut calls = 0u64;
+    loop {
+        call(&gw, "key-a", "m").await.expect("admitted");
+        calls += 1;
+        if sample(&scrape(&gw).await, held).is_some_and(|h| h >= 2.0) {
+            break;
+        }
+        assert!(calls < 500, "no reservation held ahead after {calls} calls");
+    }
+    // Frozen, Redis answers nothing (a call asking it would wait 10 s):
+    // the next call goes ahead at once, on a reservation held.
+    redis.pause();
+    let started = Instant::now();
+    call(&gw, "key-a", "m").await.expect("admitted ahead");
+    calls += 1;
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    redis.resume();
+    let text = scrape(&gw).await;
+    assert!(sample(&text, "llm_gateway_admission_admitted_ahead_total").is_some_and(|n| n >= 1.0), "{text}");
+    // Left alone, the pool gives back all it held: the budget shows only
+    // what the calls used (6 tokens each), and no lease is left in Redis.
+    let left = "llm_gateway_budget_remaining_tokens{key=\"key-a\"}";
+    let want = (BUDGET - 6 * calls) as f64;
+    eventually(WAIT, "the reservations never taken given back", async || {
+        let text = scrape(&gw).await;
+        sample(&text, held) == Some(0.0) && sample(&text, left) == Some(want)
+    })
+    .await;
+    for subject in ["key:key-a", "model:mk/lorem?tokens=4"] {
+        let leases: Option<u64> =
+            redis.query(redis::cmd("HGET").arg(format!("{{llmgw}}:v3:s:{subject}")).arg("C")).await;
+        assert_eq!(leases, Some(0), "live leases of {subject}");
+    }
+}
+
 #[tokio::test]
 async fn redis_down_or_frozen_with_failure_mode_closed_fails_limited_calls_at_once() {
     let mut redis = RedisServer::start().await;
