@@ -210,6 +210,7 @@ pub async fn tracing_variant(
     let dropped = gateway.metric("llm_gateway_dropped_spans_total").await?;
     let redis_trips = gateway.metric("llm_gateway_redis_round_trip_seconds_count").await?;
     let redis_seconds = gateway.metric("llm_gateway_redis_round_trip_seconds_sum").await?;
+    let admitted_ahead = gateway.metric("llm_gateway_admission_admitted_ahead_total").await?;
     if !gateway.alive() {
         return Err(format!("the \"{}\" gateway died under load:\n{}", run.label, gateway.tail()).into());
     }
@@ -226,6 +227,7 @@ pub async fn tracing_variant(
         dropped_spans: dropped,
         redis_trips,
         redis_seconds,
+        admitted_ahead,
         direct_ttft: None,
         note: None,
     })

@@ -163,6 +163,8 @@ pub struct TracingVariant {
     pub redis_trips: Option<f64>,
     /// Their time, summed (`llm_gateway_redis_round_trip_seconds_sum`).
     pub redis_seconds: Option<f64>,
+    /// Calls admitted by a reservation made ahead (`llm_gateway_admission_admitted_ahead_total`).
+    pub admitted_ahead: Option<f64>,
     /// The same c=1 calls straight to the upstream (admission rows).
     pub direct_ttft: Option<RunResult>,
     pub note: Option<String>,
@@ -651,8 +653,9 @@ impl Report {
                 let mean_us = v.redis_seconds.unwrap_or(0.0) / trips * 1e6;
                 let _ = writeln!(
                     out,
-                    "    Redis round trips: {trips:.0} for {} calls served, {per_call:.2} per call, {mean_us:.0} µs each on average",
-                    v.calls_total
+                    "    Redis round trips: {trips:.0} for {} calls served, {per_call:.2} per call, {mean_us:.0} µs each on average; {:.0} calls admitted ahead",
+                    v.calls_total,
+                    v.admitted_ahead.unwrap_or(0.0)
                 );
             }
             if let Some(note) = &v.note {
@@ -756,6 +759,7 @@ impl Report {
                 "dropped_spans": v.dropped_spans,
                 "redis_round_trips": v.redis_trips,
                 "redis_round_trip_seconds": v.redis_seconds,
+                "admitted_ahead": v.admitted_ahead,
                 "direct_ttft_us": v.direct_ttft.as_ref().map(|d| [percentile(&d.ttft_us, 0.5), percentile(&d.ttft_us, 0.99)]),
                 "note": v.note,
             })
