@@ -4,7 +4,7 @@
 //! step in flight hands its op to a task, which sends every op that came
 //! meanwhile in the next step. Under load the admissions of a busy moment
 //! so share one round trip, one script run and one read and write of each
-//! subject (`charge_v4.lua`), where each cost its own before.
+//! subject (`charge_v5.lua`), where each cost its own before.
 //! A settle waits up to `RIDE_FOR` for an admission step to ride on, then
 //! the task sends it with the others waiting.
 

@@ -361,6 +361,7 @@ impl Admission {
                 let local = Op {
                     member: op.member,
                     lease: op.lease,
+                    units: op.units,
                     releases: Vec::new(),
                     charges: op.charges.clone(),
                     budget: op.budget.clone(),

@@ -56,7 +56,7 @@ impl Local {
                 s.window.refund(r.at_sec, now_sec, r.refund);
             }
             if r.subject.has_lease() {
-                s.in_flight = s.in_flight.saturating_sub(1);
+                s.in_flight = s.in_flight.saturating_sub(u32::try_from(r.leases).unwrap_or(u32::MAX));
             }
         }
         for (i, c) in op.charges.iter().enumerate() {
@@ -231,7 +231,13 @@ mod tests {
         assert_eq!(local.run(&charge(&[&s], 0)).unwrap_err(), Denial::Concurrency { charge: 0 });
         assert!(!local.fits(std::slice::from_ref(&s), 0));
         let release = Op {
-            releases: vec![Release { subject: s.clone(), member: 1, at_sec: granted.at_sec, refund: 0 }],
+            releases: vec![Release {
+                subject: s.clone(),
+                member: 1,
+                at_sec: granted.at_sec,
+                refund: 0,
+                leases: 1,
+            }],
             ..charge(&[&s], 0)
         };
         // Release and charge in one step: the freed slot is taken again.
@@ -251,7 +257,13 @@ mod tests {
         // The call used 100 of its 800: 700 come back, and 300 fit.
         local
             .run(&Op {
-                releases: vec![Release { subject: s.clone(), member: 1, at_sec: g.at_sec, refund: 700 }],
+                releases: vec![Release {
+                    subject: s.clone(),
+                    member: 1,
+                    at_sec: g.at_sec,
+                    refund: 700,
+                    leases: 1,
+                }],
                 ..Default::default()
             })
             .unwrap();

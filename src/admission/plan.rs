@@ -34,7 +34,7 @@ pub struct Subject {
 /// The Redis keys of a subject, all under one hash tag.
 #[derive(Debug, Default)]
 pub struct RedisKeys {
-    /// Its window, its live leases (one hash: see `charge_v4.lua`).
+    /// Its window, its live leases (one hash: see `charge_v5.lua`).
     pub subject: String,
     pub budget: String,
 }
@@ -64,15 +64,17 @@ pub struct Charge {
 }
 
 /// Gives back a reservation made at `at_sec` by ticket `member`: `refund`
-/// tokens (negative: charge more, the call used more than reserved) and its
-/// lease. The member is the release's own: settles of several tickets may
-/// ride on one step.
+/// tokens (negative: charge more, the call used more than reserved) and
+/// `leases` of its leases (1 for a call; a block's unused ones when it is
+/// given back). The member is the release's own: settles of several
+/// tickets may ride on one step, and the calls of one block share one.
 #[derive(Debug, Clone)]
 pub struct Release {
     pub subject: Arc<Subject>,
     pub member: u64,
     pub at_sec: u64,
     pub refund: i64,
+    pub leases: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -101,6 +103,9 @@ pub struct Op {
     /// How long a lease counts if its call is never settled (a replica
     /// that died): the call's deadline, and some.
     pub lease: Duration,
+    /// Calls reserved at once: 0 or 1 for a call, more for a block made
+    /// ahead (Redis only). Each charge's `tokens` is the total.
+    pub units: u64,
     pub releases: Vec<Release>,
     pub charges: Vec<Charge>,
     pub budget: BudgetOp,

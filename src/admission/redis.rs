@@ -23,13 +23,13 @@ use tokio::time::Instant;
 
 use super::{
     budget::{Exhausted, Spending},
-    plan::{BudgetOp, BudgetState, Denial, Granted, Op, Release, Subject},
+    plan::{BudgetOp, BudgetState, Denial, Granted, Op, Subject},
     window::{Exceeded, Full},
 };
 use crate::{config::RedisConfig, telemetry::metrics::Metrics};
 
-/// The script, named with its version (its first line says `llmgw_charge_v4`).
-const SCRIPT: &str = include_str!("charge_v4.lua");
+/// The script, named with its version (its first line says `llmgw_charge_v5`).
+const SCRIPT: &str = include_str!("charge_v5.lua");
 
 /// How long Redis is left alone after a failure before one call probes it.
 const PROBE_AFTER: Duration = Duration::from_millis(500);
@@ -175,8 +175,9 @@ impl Shared {
         if !self.may_ask() {
             return Err(Unreachable::Resting);
         }
+        let merged = Merged::of(tickets, carried);
         let started = Instant::now();
-        let reply = tokio::time::timeout(self.timeout, self.eval(tickets, carried)).await;
+        let reply = tokio::time::timeout(self.timeout, self.eval(tickets, &merged)).await;
         self.metrics.admission.redis_round_trip(started.elapsed());
         let reply = match reply {
             Ok(Ok(reply)) => reply,
@@ -186,9 +187,11 @@ impl Shared {
         match decode(&reply, tickets.len()) {
             Some((decisions, figures)) => {
                 self.succeeded();
-                let refunds = refunds(tickets, carried)
+                let refunds = merged
+                    .refunds
+                    .iter()
                     .zip(figures)
-                    .filter_map(|((subject, ..), b)| Some((subject.clone(), b?)))
+                    .filter_map(|(r, b)| Some((r.subject.clone(), b?)))
                     .collect();
                 Ok(Answer { decisions, refunds })
             }
@@ -196,10 +199,10 @@ impl Shared {
         }
     }
 
-    async fn eval(&self, tickets: &[&Op], carried: &[Op]) -> redis::RedisResult<Vec<i64>> {
-        match self.conn.query(&command(tickets, carried, "EVALSHA", &self.sha)).await {
+    async fn eval(&self, tickets: &[&Op], merged: &Merged<'_>) -> redis::RedisResult<Vec<i64>> {
+        match self.conn.query(&command(tickets, merged, "EVALSHA", &self.sha)).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.conn.query(&command(tickets, carried, "EVAL", SCRIPT)).await
+                self.conn.query(&command(tickets, merged, "EVAL", SCRIPT)).await
             }
             other => other,
         }
@@ -276,26 +279,78 @@ fn ops<'a>(tickets: &'a [&'a Op], carried: &'a [Op]) -> impl Iterator<Item = &'a
     carried.iter().chain(tickets.iter().copied())
 }
 
-/// The releases of a step: those of the settles riding on it, then the
-/// tickets' own (an attempt that moved to another target). One that gives
-/// back nothing (no token limit to refund, no lease) is left out.
-fn releases<'a>(tickets: &'a [&'a Op], carried: &'a [Op]) -> impl Iterator<Item = &'a Release> {
-    ops(tickets, carried)
-        .flat_map(|o| &o.releases)
-        .filter(|r| r.subject.has_lease() || (r.subject.limits.tpm.is_some() && r.refund != 0))
+/// One release as sent: the sum of a step's releases of one subject by one
+/// member in one second (the calls of a block share a member).
+struct SentRelease<'a> {
+    subject: &'a Arc<Subject>,
+    member: u64,
+    at_sec: u64,
+    refund: i64,
+    leases: u64,
 }
 
-/// The budget refunds of a step, in the same order.
-fn refunds<'a>(
-    tickets: &'a [&'a Op],
-    carried: &'a [Op],
-) -> impl Iterator<Item = (&'a Arc<Subject>, u64, i64, i64)> {
-    ops(tickets, carried).filter_map(|o| match &o.budget {
-        BudgetOp::Refund { subject, window, tokens, nano_usd } => {
-            Some((subject, *window, *tokens, *nano_usd))
+/// One budget refund as sent: the sum of a step's refunds to one key's
+/// window.
+struct SentRefund<'a> {
+    subject: &'a Arc<Subject>,
+    window: u64,
+    tokens: i64,
+    nano_usd: i64,
+}
+
+/// What a step gives back, merged: the settles riding on it, then the
+/// tickets' own releases (an attempt that moved to another target). One
+/// that gives back nothing (no token limit to refund, no lease) is left out.
+struct Merged<'a> {
+    releases: Vec<SentRelease<'a>>,
+    refunds: Vec<SentRefund<'a>>,
+}
+
+impl<'a> Merged<'a> {
+    fn of(tickets: &'a [&'a Op], carried: &'a [Op]) -> Self {
+        let mut releases: Vec<SentRelease<'a>> = Vec::new();
+        let mut refunds: Vec<SentRefund<'a>> = Vec::new();
+        for op in ops(tickets, carried) {
+            for r in &op.releases {
+                let refund = if r.subject.limits.tpm.is_some() { r.refund } else { 0 };
+                let leases = if r.subject.has_lease() { r.leases } else { 0 };
+                if refund == 0 && leases == 0 {
+                    continue;
+                }
+                let same = releases.iter_mut().find(|s| {
+                    Arc::ptr_eq(s.subject, &r.subject) && s.member == r.member && s.at_sec == r.at_sec
+                });
+                match same {
+                    Some(s) => {
+                        s.refund = s.refund.saturating_add(refund);
+                        s.leases = s.leases.saturating_add(leases);
+                    }
+                    None => releases.push(SentRelease {
+                        subject: &r.subject,
+                        member: r.member,
+                        at_sec: r.at_sec,
+                        refund,
+                        leases,
+                    }),
+                }
+            }
+            if let BudgetOp::Refund { subject, window, tokens, nano_usd } = &op.budget {
+                match refunds.iter_mut().find(|s| Arc::ptr_eq(s.subject, subject) && s.window == *window) {
+                    Some(s) => {
+                        s.tokens = s.tokens.saturating_add(*tokens);
+                        s.nano_usd = s.nano_usd.saturating_add(*nano_usd);
+                    }
+                    None => refunds.push(SentRefund {
+                        subject,
+                        window: *window,
+                        tokens: *tokens,
+                        nano_usd: *nano_usd,
+                    }),
+                }
+            }
         }
-        _ => None,
-    })
+        Self { releases, refunds }
+    }
 }
 
 /// A ticket's budget charge, when it has one.
@@ -306,20 +361,20 @@ fn budget_charge(op: &Op) -> Option<(&Arc<Subject>, u64, i64)> {
     }
 }
 
-/// The script call for `tickets` and the settles riding on them:
+/// The script call for `tickets` and what the step gives back:
 /// `EVALSHA sha` or `EVAL body` (the layout is in the header of
-/// `charge_v4.lua`).
-fn command(tickets: &[&Op], carried: &[Op], verb: &str, script: &str) -> redis::Cmd {
+/// `charge_v5.lua`).
+fn command(tickets: &[&Op], merged: &Merged<'_>, verb: &str, script: &str) -> redis::Cmd {
     let mut cmd = redis::cmd(verb);
-    let (nrel, nref) = (releases(tickets, carried).count(), refunds(tickets, carried).count());
+    let (nrel, nref) = (merged.releases.len(), merged.refunds.len());
     let charged: usize =
         tickets.iter().map(|t| t.charges.len() + usize::from(budget_charge(t).is_some())).sum();
     cmd.arg(script).arg(nrel + nref + charged);
-    for r in releases(tickets, carried) {
+    for r in &merged.releases {
         cmd.arg(&r.subject.redis.subject);
     }
-    for (subject, ..) in refunds(tickets, carried) {
-        cmd.arg(&subject.redis.budget);
+    for r in &merged.refunds {
+        cmd.arg(&r.subject.redis.budget);
     }
     for t in tickets {
         for c in &t.charges {
@@ -330,18 +385,21 @@ fn command(tickets: &[&Op], carried: &[Op], verb: &str, script: &str) -> redis::
         }
     }
     cmd.arg(nrel).arg(nref).arg(tickets.len());
-    for r in releases(tickets, carried) {
-        let refund = if r.subject.limits.tpm.is_some() { r.refund } else { 0 };
-        cmd.arg(r.member).arg(r.at_sec).arg(refund).arg(u8::from(r.subject.has_lease()));
+    for r in &merged.releases {
+        cmd.arg(r.member).arg(r.at_sec).arg(r.refund).arg(r.leases);
     }
-    for (_, window, tokens, nano_usd) in refunds(tickets, carried) {
-        cmd.arg(window).arg(tokens).arg(nano_usd);
+    for r in &merged.refunds {
+        cmd.arg(r.window).arg(r.tokens).arg(r.nano_usd);
     }
     let or_none = |v: Option<u64>| v.and_then(|v| i64::try_from(v).ok()).unwrap_or(-1);
     for t in tickets {
         let lease_ms = u64::try_from(t.lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let charge_budget = budget_charge(t);
-        cmd.arg(t.member).arg(lease_ms).arg(t.charges.len()).arg(u8::from(charge_budget.is_some()));
+        cmd.arg(t.member)
+            .arg(lease_ms)
+            .arg(t.units.max(1))
+            .arg(t.charges.len())
+            .arg(u8::from(charge_budget.is_some()));
         for c in &t.charges {
             let l = &c.subject.limits;
             cmd.arg(or_none(l.rpm))
@@ -373,7 +431,7 @@ fn budget_state(tokens: i64, nano_usd: i64, window: i64) -> Option<BudgetState> 
 /// each refund sent (none where its window had moved on).
 type Decoded = (Vec<Result<Granted, Denial>>, Vec<Option<BudgetState>>);
 
-/// The script's answer (see the header of `charge_v4.lua`): five figures
+/// The script's answer (see the header of `charge_v5.lua`): five figures
 /// per ticket, then three per refund sent.
 fn decode(reply: &[i64], tickets: usize) -> Option<Decoded> {
     let (heads, rest) = reply.split_at_checked(tickets.checked_mul(5)?)?;
@@ -454,6 +512,6 @@ mod tests {
 
     #[test]
     fn the_script_says_its_name_and_version() {
-        assert!(SCRIPT.starts_with("-- llmgw_charge_v4:"));
+        assert!(SCRIPT.starts_with("-- llmgw_charge_v5:"));
     }
 }

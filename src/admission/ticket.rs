@@ -35,6 +35,8 @@ const POLL_MAX: Duration = Duration::from_millis(250);
 
 #[derive(Debug)]
 struct KeyHold {
+    /// Whose reservation: the ticket's own, or a block made ahead.
+    member: u64,
     at: Where,
     at_sec: u64,
     tokens: u64,
@@ -47,6 +49,7 @@ struct KeyHold {
 
 #[derive(Debug)]
 struct TargetHold {
+    member: u64,
     plan: Arc<TargetPlan>,
     at: Where,
     at_sec: u64,
@@ -54,13 +57,14 @@ struct TargetHold {
 }
 
 impl TargetHold {
-    fn releases(&self, member: u64, used: u64) -> impl Iterator<Item = Release> + '_ {
+    fn releases(&self, used: u64) -> impl Iterator<Item = Release> + '_ {
         let refund = i64::try_from(self.tokens).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
         self.plan.subjects.iter().map(move |s| Release {
             subject: s.clone(),
-            member,
+            member: self.member,
             at_sec: self.at_sec,
             refund,
+            leases: 1,
         })
     }
 }
@@ -173,11 +177,11 @@ impl Ticket {
         let mut local = Op { member: self.id, ..Default::default() };
         let mut shared = Op { member: self.id, ..Default::default() };
         for hold in self.released.drain(..) {
-            shared.releases.extend(hold.releases(self.id, 0));
+            shared.releases.extend(hold.releases(0));
         }
         for hold in self.targets.drain(..) {
             let op = if hold.at == Where::Local { &mut local } else { &mut shared };
-            op.releases.extend(hold.releases(self.id, used));
+            op.releases.extend(hold.releases(used));
         }
         if let (Some(k), Some(key)) = (self.key_hold.take(), &self.key) {
             let cost = self
@@ -186,7 +190,13 @@ impl Ticket {
                 i64::try_from(k.tokens).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
             let op = if k.at == Where::Local { &mut local } else { &mut shared };
             if k.charged {
-                op.releases.push(Release { subject: key.clone(), member: self.id, at_sec: k.at_sec, refund });
+                op.releases.push(Release {
+                    subject: key.clone(),
+                    member: k.member,
+                    at_sec: k.at_sec,
+                    refund,
+                    leases: 1,
+                });
             }
             if let Some(window) = k.window {
                 op.budget = BudgetOp::Refund {
@@ -221,11 +231,7 @@ impl Ticket {
         }
         match hold.at {
             Where::Local => {
-                let op = Op {
-                    member: self.id,
-                    releases: hold.releases(self.id, 0).collect(),
-                    ..Default::default()
-                };
+                let op = Op { member: self.id, releases: hold.releases(0).collect(), ..Default::default() };
                 self.admission.release_local(&op);
             }
             Where::Shared => self.released.push(hold),
@@ -239,7 +245,7 @@ impl Ticket {
         }
         let mut op = Op { member: self.id, ..Default::default() };
         for hold in self.released.drain(..) {
-            op.releases.extend(hold.releases(self.id, 0));
+            op.releases.extend(hold.releases(0));
         }
         self.admission.release_shared(op, false);
     }
@@ -353,7 +359,7 @@ impl Ticket {
         if key.is_none() && subjects.is_empty() {
             self.flush_released();
             if let Some(plan) = plan {
-                self.targets.push(TargetHold { plan, at: Where::Local, at_sec: 0, tokens });
+                self.targets.push(TargetHold { member: self.id, plan, at: Where::Local, at_sec: 0, tokens });
             }
             self.count_admitted();
             return Ok(());
@@ -379,10 +385,10 @@ impl Ticket {
             && let Some(plan) = &plan
             && let Some(g) = admission.take_ahead(key.as_ref(), plan, tokens, nano)
         {
-            self.id = g.member;
             self.ahead = true;
             if key.is_some() {
                 self.key_hold = Some(KeyHold {
+                    member: g.member,
                     at: Where::Shared,
                     at_sec: g.at_sec,
                     tokens: g.tokens,
@@ -392,6 +398,7 @@ impl Ticket {
                 });
             }
             self.targets.push(TargetHold {
+                member: g.member,
                 plan: plan.clone(),
                 at: Where::Shared,
                 at_sec: g.at_sec,
@@ -443,7 +450,7 @@ impl Ticket {
             }
             let mut op = Op { member: self.id, lease, ..Default::default() };
             for hold in self.released.drain(..) {
-                op.releases.extend(hold.releases(self.id, 0));
+                op.releases.extend(hold.releases(0));
             }
             if let Some(k) = &key {
                 if key_charged {
@@ -468,6 +475,7 @@ impl Ticket {
                 Ok(g) => {
                     if let Some(k) = &key {
                         self.key_hold = Some(KeyHold {
+                            member: self.id,
                             at,
                             at_sec: g.at_sec,
                             tokens,
@@ -478,7 +486,7 @@ impl Ticket {
                         admission.budget_metric(k, g.budget);
                     }
                     if let Some(plan) = plan.clone() {
-                        self.targets.push(TargetHold { plan, at, at_sec: g.at_sec, tokens });
+                        self.targets.push(TargetHold { member: self.id, plan, at, at_sec: g.at_sec, tokens });
                     }
                     break Ok(());
                 }

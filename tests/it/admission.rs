@@ -237,7 +237,7 @@ async fn two_gateways_share_one_limit(redis: RedisServer) {
     let _: () = redis.query(redis::cmd("FLUSHALL").arg("SYNC")).await;
     let _: () = redis.query(redis::cmd("SCRIPT").arg("FLUSH")).await;
     call(&b, "key-a", "m").await.expect("admitted: the counts were flushed");
-    let sha = redis::Script::new(include_str!("../../src/admission/charge_v4.lua")).get_hash().to_owned();
+    let sha = redis::Script::new(include_str!("../../src/admission/charge_v5.lua")).get_hash().to_owned();
     let exists: Vec<i64> = redis.query(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)).await;
     assert_eq!(exists, [1], "EVAL brought the script back");
 }
@@ -252,13 +252,13 @@ async fn the_script_decides_the_tickets_of_a_step_in_order() {
     // rpm 2 and concurrency 2 on SUBJECT; tickets a, b, c charge it, and d
     // charges SUBJECT's neighbour `other` (rpm 1) as well.
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(include_str!("../../src/admission/charge_v4.lua")).arg(5);
+    cmd.arg(include_str!("../../src/admission/charge_v5.lua")).arg(5);
     cmd.arg(&[SUBJECT, SUBJECT, SUBJECT, other, other]);
     cmd.arg(&[0, 0, 4]);
     for m in ["a", "b", "c"] {
-        cmd.arg(&[m, "60000", "1", "0"]).arg(&[2, -1, 2, 10]);
+        cmd.arg(&[m, "60000", "1", "1", "0"]).arg(&[2, -1, 2, 10]);
     }
-    cmd.arg(&["d", "60000", "2", "0"]).arg(&[-1, -1, -1, 10]).arg(&[1, -1, -1, 10]);
+    cmd.arg(&["d", "60000", "1", "2", "0"]).arg(&[-1, -1, -1, 10]).arg(&[1, -1, -1, 10]);
     let answer: Vec<i64> = redis.query(&cmd).await;
     assert_eq!(answer.len(), 20, "five figures per ticket: {answer:?}");
     assert_eq!((answer[0], answer[5]), (1, 1), "a and b fit: {answer:?}");
@@ -277,7 +277,7 @@ async fn the_script_decides_the_tickets_of_a_step_in_order() {
     assert_eq!(other_fields.get("R"), Some(&1), "d's one request: {other_fields:?}");
     // A settle-only step (no ticket) answers with the refunds alone.
     let mut settle = redis::cmd("EVAL");
-    settle.arg(include_str!("../../src/admission/charge_v4.lua")).arg(1).arg(SUBJECT);
+    settle.arg(include_str!("../../src/admission/charge_v5.lua")).arg(1).arg(SUBJECT);
     settle.arg(&[1, 0, 0]).arg("a").arg(0).arg(0).arg(1);
     let answer: Vec<i64> = redis.query(&settle).await;
     assert!(answer.is_empty(), "{answer:?}");
@@ -537,10 +537,10 @@ async fn a_cancelled_stream_is_charged_what_it_streamed_and_a_finished_one_its_c
 /// ticket `member`. Returns the script's answer.
 async fn charge(redis: &RedisServer, member: &str, [rpm, tpm, cc, tokens]: [i64; 4]) -> Vec<i64> {
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(include_str!("../../src/admission/charge_v4.lua"))
+    cmd.arg(include_str!("../../src/admission/charge_v5.lua"))
         .arg(1)
         .arg(SUBJECT)
-        .arg(&["0", "0", "1", member, "60000", "1", "0"])
+        .arg(&["0", "0", "1", member, "60000", "1", "1", "0"])
         .arg(&[rpm, tpm, cc, tokens]);
     redis.query(&cmd).await
 }
@@ -636,6 +636,74 @@ async fn the_script_counts_live_leases_and_purges_those_that_ran_out() {
 /// Settles of two tickets riding on a third's admission, in one step:
 /// their tokens and leases come back before the new charge is checked,
 /// and a release given twice frees one slot, not two.
+/// Runs the script with `releases` (member, leases) first, then one
+/// ticket of `units` calls charging `[rpm, tpm, cc, tokens]` on SUBJECT.
+async fn block_step(
+    redis: &RedisServer,
+    releases: &[(&str, i64)],
+    ticket: Option<(&str, i64, [i64; 4])>,
+) -> Vec<i64> {
+    let mut cmd = redis::cmd("EVAL");
+    let keys = releases.len() + usize::from(ticket.is_some());
+    cmd.arg(include_str!("../../src/admission/charge_v5.lua")).arg(keys);
+    for _ in 0..keys {
+        cmd.arg(SUBJECT);
+    }
+    cmd.arg(releases.len()).arg(0).arg(usize::from(ticket.is_some()));
+    for (member, leases) in releases {
+        cmd.arg(member).arg(0).arg(0).arg(leases);
+    }
+    if let Some((member, units, limits)) = ticket {
+        cmd.arg(member).arg(60_000).arg(units).arg(1).arg(0).arg(&limits);
+    }
+    redis.query(&cmd).await
+}
+
+/// v5's blocks: a ticket of several calls counts a request and a lease for
+/// each, its leases are given back by count, and a purge counts a live
+/// block's leases and drops a dead one's.
+#[tokio::test]
+async fn the_script_reserves_blocks_and_gives_their_leases_back_by_count() {
+    let redis = RedisServer::start().await;
+    // rpm 10, concurrency 4: a block of 3 and one call fit; one more does not.
+    assert_eq!(block_step(&redis, &[], Some(("blk", 3, [10, -1, 4, 30]))).await[0], 1);
+    let fields = rate_fields(&redis).await;
+    assert_eq!(
+        (fields.get("R"), fields.get("C"), fields.get("nblk")),
+        (Some(&3), Some(&3), Some(&3)),
+        "{fields:?}"
+    );
+    assert_eq!(block_step(&redis, &[], Some(("x", 1, [10, -1, 4, 10]))).await[0], 1);
+    let full = block_step(&redis, &[], Some(("y", 1, [10, -1, 4, 10]))).await;
+    assert_eq!(full[..3], [0, 1, 3], "four leases held: {full:?}");
+    // Two of the block's calls end: two leases come back, one is left.
+    let _ = block_step(&redis, &[("blk", 1), ("blk", 1)], None).await;
+    let fields = rate_fields(&redis).await;
+    assert_eq!((fields.get("C"), fields.get("nblk")), (Some(&2), Some(&1)), "{fields:?}");
+    // Giving back more than it holds takes only what it holds.
+    let _ = block_step(&redis, &[("blk", 5)], None).await;
+    let fields = rate_fields(&redis).await;
+    assert_eq!(fields.get("C"), Some(&1), "{fields:?}");
+    assert!(!fields.contains_key("lblk") && !fields.contains_key("nblk"), "{fields:?}");
+    // A block can never be bigger than the limit.
+    let never = block_step(&redis, &[], Some(("big", 11, [10, -1, -1, 10]))).await;
+    assert_eq!(never[..3], [0, 1, 1], "{never:?}");
+    assert_eq!(never[4], 1, "never fits: {never:?}");
+    // A dead replica's block (5 leases, ended) and a live one (2): the
+    // count says 8, the purge makes it 1 (x) + 2, and one more fits 4.
+    let time: Vec<i64> = redis.query(&redis::cmd("TIME")).await;
+    let now_ms = time[0] * 1000 + time[1] / 1000;
+    let mut seed = redis::cmd("HSET");
+    seed.arg(SUBJECT).arg("C").arg(8);
+    seed.arg("ldead").arg(now_ms - 1000).arg("ndead").arg(5);
+    seed.arg("llive").arg(now_ms + 60_000).arg("nlive").arg(2);
+    let _: i64 = redis.query(&seed).await;
+    assert_eq!(block_step(&redis, &[], Some(("z", 1, [-1, -1, 4, 10]))).await[0], 1);
+    let fields = rate_fields(&redis).await;
+    assert_eq!(fields.get("C"), Some(&4), "{fields:?}");
+    assert!(!fields.contains_key("ldead") && !fields.contains_key("ndead"), "{fields:?}");
+}
+
 #[tokio::test]
 async fn the_script_applies_carried_settles_before_the_charge() {
     let redis = RedisServer::start().await;
@@ -654,14 +722,14 @@ async fn the_script_applies_carried_settles_before_the_charge() {
     let _: i64 =
         redis.query(redis::cmd("HSET").arg(budget).arg(&["w", "5", "tok", "100", "usd", "1000"])).await;
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(include_str!("../../src/admission/charge_v4.lua")).arg(5);
+    cmd.arg(include_str!("../../src/admission/charge_v5.lua")).arg(5);
     cmd.arg(&[SUBJECT, SUBJECT, SUBJECT, budget, SUBJECT]);
     cmd.arg(&[3, 1, 1]);
     cmd.arg("a").arg(at).arg(30).arg(1);
     cmd.arg("b").arg(at).arg(0).arg(1);
     cmd.arg("a").arg(at).arg(0).arg(1);
     cmd.arg(&[5, 30, 400]);
-    cmd.arg(&["c", "60000", "1", "0"]);
+    cmd.arg(&["c", "60000", "1", "1", "0"]);
     cmd.arg(&[-1, 100, 2, 50]);
     let answer: Vec<i64> = redis.query(&cmd).await;
     assert_eq!(answer[0], 1, "50 used + 50 fits tpm 100, and both slots are free: {answer:?}");

@@ -1,17 +1,24 @@
--- llmgw_charge_v4: one admission step of several tickets, with any settles
+-- llmgw_charge_v5: one admission step of several tickets, with any settles
 -- waiting to be sent, in one round trip. First gives back earlier
 -- reservations (settled calls, an attempt that moved to another target)
 -- and budget refunds; then, ticket by ticket, checks every limit of its
 -- charges and reserves them all, or none (a later ticket sees what an
 -- earlier one reserved). Time is the server's (TIME), never a replica's;
 -- a step of settles only never reads it.
--- Key layout (v3's, unchanged: v3 and v4 replicas share their counts
--- during a rolling update; every key under one hash tag, so one Cluster
--- slot):
+-- v5 adds blocks: a ticket may reserve `units` calls at once (one request
+-- each, its tokens the block's total, `units` leases under one member), and
+-- a release gives back any number of a member's leases. A replica admits
+-- ahead from blocks under limits far from full, so a block's calls cost
+-- Redis one ticket, and their settles one release per block and step.
+-- Key layout (v3's, plus n<member>: v3, v4 and v5 replicas share their
+-- counts during a rolling update, except that v3 and v4 count a block's
+-- leases as one when they purge; every key under one hash tag, so one
+-- Cluster slot):
 --   s:<subject>  hash  r<sec>, t<sec> = requests and tokens counted in one
 --                      second; R, T = their sums over the live seconds;
 --                      o = the oldest second that may still hold a bucket;
 --                      C = live leases; l<member> = a lease's end (ms);
+--                      n<member> = its leases when more than one;
 --                      x = the expiry last set on the hash (ms)
 --   budget:<key> hash  w = window index, tok = tokens, usd = nano-USD
 -- v3 read and wrote a subject once per release and once per charge. Here
@@ -24,10 +31,11 @@
 --       ticket: per charge: subject; its budget key, when it charges one
 --       (the order they are used in).
 -- ARGV: #releases, #refunds, #tickets, then per release: member, at_sec,
---       refund_tokens (negative: charge more), lease (0/1); per refund:
---       window, tokens, nano_usd; per ticket: member, lease_ms, #charges,
---       budget charge (0/1), then per charge: rpm, tpm, concurrency
---       (-1: none), tokens; then the budget charge: window_secs,
+--       refund_tokens (negative: charge more), leases (how many to give
+--       back; 0: none); per refund: window, tokens, nano_usd; per ticket:
+--       member, lease_ms, units (calls reserved, >= 1), #charges, budget
+--       charge (0/1), then per charge: rpm, tpm, concurrency (-1: none),
+--       tokens (the ticket's total); then the budget charge: window_secs,
 --       limit_tokens, limit_nano_usd (-1: none), tokens, nano_usd.
 -- Returns, per ticket, {1, now_sec (0 with no charge), budget_tokens,
 -- budget_nano_usd, window} (-1 where no budget), or {0, charge index
@@ -111,13 +119,16 @@ end
 
 local rels = {}
 for i = 1, nrel do
-  local r = { S = subject(KEYS[k]), m = ARGV[a], at = ARGV[a + 1], refund = tonumber(ARGV[a + 2]), lease = ARGV[a + 3] == '1' }
+  local r = { S = subject(KEYS[k]), m = ARGV[a], at = ARGV[a + 1], refund = tonumber(ARGV[a + 2]), leases = tonumber(ARGV[a + 3]) }
   k, a = k + 1, a + 4
-  r.tf, r.lf = 't' .. r.at, 'l' .. r.m
+  r.tf, r.lf, r.nf = 't' .. r.at, 'l' .. r.m, 'n' .. r.m
   want(r.S, r.tf)
   want(r.S, 'T')
   want(r.S, 'C')
   want(r.S, r.lf)
+  if r.leases > 0 then
+    want(r.S, r.nf)
+  end
   rels[i] = r
 end
 local refs = {}
@@ -127,9 +138,12 @@ for i = 1, nref do
 end
 local tix, charging = {}, false
 for i = 1, ntix do
-  local t = { m = ARGV[a], lease_ms = tonumber(ARGV[a + 1]), n = tonumber(ARGV[a + 2]), bcharge = ARGV[a + 3] == '1', ch = {} }
-  a = a + 4
-  t.lf = 'l' .. t.m
+  local t = {
+    m = ARGV[a], lease_ms = tonumber(ARGV[a + 1]), units = math.max(1, tonumber(ARGV[a + 2])),
+    n = tonumber(ARGV[a + 3]), bcharge = ARGV[a + 4] == '1', ch = {},
+  }
+  a = a + 5
+  t.lf, t.nf = 'l' .. t.m, 'n' .. t.m
   for j = 1, t.n do
     local c = {
       S = subject(KEYS[k]),
@@ -199,9 +213,18 @@ for _, r in ipairs(rels) do
     end
     put(S, 'T', math.max(0, (get(S, 'T') or 0) - given))
   end
-  if r.lease and get(S, r.lf) then
-    put(S, r.lf, false)
-    put(S, 'C', math.max(0, (get(S, 'C') or 1) - 1))
+  if r.leases > 0 and get(S, r.lf) then
+    local held = get(S, r.nf) or 1
+    local given = math.min(r.leases, held)
+    if held - given <= 0 then
+      put(S, r.lf, false)
+      if get(S, r.nf) then
+        put(S, r.nf, false)
+      end
+    else
+      put(S, r.nf, held - given)
+    end
+    put(S, 'C', math.max(0, (get(S, 'C') or given) - given))
   end
 end
 
@@ -345,16 +368,25 @@ end
 local function purge(S)
   flush(S)
   local all = redis.call('HGETALL', S.key)
-  local live = 0
+  local counts, alive = {}, {}
   for i = 1, #all, 2 do
     local field = all[i]
-    if string.sub(field, 1, 1) == 'l' then
+    local kind = string.sub(field, 1, 1)
+    if kind == 'l' then
+      local m = string.sub(field, 2)
       if (tonumber(all[i + 1]) or 0) <= now_ms then
         put(S, field, false)
+        put(S, 'n' .. m, false)
       else
-        live = live + 1
+        alive[#alive + 1] = m
       end
+    elseif kind == 'n' then
+      counts[string.sub(field, 2)] = tonumber(all[i + 1])
     end
+  end
+  local live = 0
+  for _, m in ipairs(alive) do
+    live = live + (counts[m] or 1)
   end
   put(S, 'C', live)
 end
@@ -387,8 +419,11 @@ local function check(tk)
       age(S)
     end
     local req, tok = get(S, 'R') or 0, get(S, 'T') or 0
-    if c.rpm >= 0 and req + 1 > c.rpm then
-      return { 0, i, 1, retry_ms(buckets(S), 1, req + 1 - c.rpm), 0 }
+    if c.rpm >= 0 and req + tk.units > c.rpm then
+      if tk.units > c.rpm then
+        return { 0, i, 1, -1, 1 }
+      end
+      return { 0, i, 1, retry_ms(buckets(S), 1, req + tk.units - c.rpm), 0 }
     end
     if c.tpm >= 0 then
       if c.tokens > c.tpm then
@@ -399,9 +434,9 @@ local function check(tk)
       end
     end
     -- A ticket already holding its slot (charged again) never counts twice.
-    if c.cc >= 0 and not get(S, tk.lf) and (get(S, 'C') or 0) >= c.cc then
+    if c.cc >= 0 and not get(S, tk.lf) and (get(S, 'C') or 0) + tk.units > c.cc then
       purge(S)
-      if (get(S, 'C') or 0) >= c.cc then
+      if (get(S, 'C') or 0) + tk.units > c.cc then
         return { 0, i, 3, -1, 0 }
       end
     end
@@ -439,8 +474,8 @@ local function reserve(tk)
   for _, c in ipairs(tk.ch) do
     local S = c.S
     if c.rpm >= 0 then
-      put(S, rnow, (get(S, rnow) or 0) + 1)
-      put(S, 'R', (get(S, 'R') or 0) + 1)
+      put(S, rnow, (get(S, rnow) or 0) + tk.units)
+      put(S, 'R', (get(S, 'R') or 0) + tk.units)
     end
     if c.tpm >= 0 then
       put(S, tnow, (get(S, tnow) or 0) + c.tokens)
@@ -455,7 +490,10 @@ local function reserve(tk)
     local keep = c.rate and (WINDOW + 3) * 1000 or 0
     if c.cc >= 0 then
       if not get(S, tk.lf) then
-        put(S, 'C', (get(S, 'C') or 0) + 1)
+        put(S, 'C', (get(S, 'C') or 0) + tk.units)
+        if tk.units > 1 then
+          put(S, tk.nf, tk.units)
+        end
       end
       put(S, tk.lf, now_ms + tk.lease_ms)
       keep = math.max(keep, tk.lease_ms + 2000)
