@@ -6,8 +6,8 @@
 //! the pool's keeper task with the steps of the moment. A call takes one
 //! call of a block and settles it as if it had made it; the settles of one
 //! block's calls merge into one release per step. The calls of a block not
-//! taken within `MAX_AGE` are given back (their tokens, leases and budget;
-//! their requests stay counted, as calls that never came).
+//! taken within `MAX_AGE` are given back whole: their requests, tokens,
+//! leases and budget.
 //!
 //! A pool holds at most a thousandth of any limit it charges, and only as
 //! many calls as came in the last `SLOT`: under tight limits, at low rates,
@@ -227,6 +227,7 @@ impl Pool {
             at_sec: b.at_sec,
             refund,
             leases: b.left,
+            requests: b.left,
         };
         let mut op = Op { member: b.member, ..Default::default() };
         if let Some(k) = &self.key {

@@ -7,9 +7,10 @@
 -- a step of settles only never reads it.
 -- v5 adds blocks: a ticket may reserve `units` calls at once (one request
 -- each, its tokens the block's total, `units` leases under one member), and
--- a release gives back any number of a member's leases. A replica admits
--- ahead from blocks under limits far from full, so a block's calls cost
--- Redis one ticket, and their settles one release per block and step.
+-- a release gives back any number of a member's leases and requests. A
+-- replica admits ahead from blocks under limits far from full, so a block's
+-- calls cost Redis one ticket, and their settles one release per block and
+-- step.
 -- Key layout (v3's, plus n<member>: v3, v4 and v5 replicas share their
 -- counts during a rolling update, except that v3 and v4 count a block's
 -- leases as one when they purge; every key under one hash tag, so one
@@ -32,11 +33,13 @@
 --       (the order they are used in).
 -- ARGV: #releases, #refunds, #tickets, then per release: member, at_sec,
 --       refund_tokens (negative: charge more), leases (how many to give
---       back; 0: none); per refund: window, tokens, nano_usd; per ticket:
---       member, lease_ms, units (calls reserved, >= 1), #charges, budget
---       charge (0/1), then per charge: rpm, tpm, concurrency (-1: none),
---       tokens (the ticket's total); then the budget charge: window_secs,
---       limit_tokens, limit_nano_usd (-1: none), tokens, nano_usd.
+--       back; 0: none), requests (how many to take off the second's count:
+--       a block's calls never taken); per refund: window, tokens,
+--       nano_usd; per ticket: member, lease_ms, units (calls reserved,
+--       >= 1), #charges, budget charge (0/1), then per charge: rpm, tpm,
+--       concurrency (-1: none), tokens (the ticket's total); then the
+--       budget charge: window_secs, limit_tokens, limit_nano_usd (-1:
+--       none), tokens, nano_usd.
 -- Returns, per ticket, {1, now_sec (0 with no charge), budget_tokens,
 -- budget_nano_usd, window} (-1 where no budget), or {0, charge index
 -- (0: the budget), code, retry_after_ms (-1: unknown), never (1: cannot
@@ -119,9 +122,16 @@ end
 
 local rels = {}
 for i = 1, nrel do
-  local r = { S = subject(KEYS[k]), m = ARGV[a], at = ARGV[a + 1], refund = tonumber(ARGV[a + 2]), leases = tonumber(ARGV[a + 3]) }
-  k, a = k + 1, a + 4
-  r.tf, r.lf, r.nf = 't' .. r.at, 'l' .. r.m, 'n' .. r.m
+  local r = {
+    S = subject(KEYS[k]), m = ARGV[a], at = ARGV[a + 1], refund = tonumber(ARGV[a + 2]),
+    leases = tonumber(ARGV[a + 3]), requests = tonumber(ARGV[a + 4]),
+  }
+  k, a = k + 1, a + 5
+  r.tf, r.rf, r.lf, r.nf = 't' .. r.at, 'r' .. r.at, 'l' .. r.m, 'n' .. r.m
+  if r.requests > 0 then
+    want(r.S, r.rf)
+    want(r.S, 'R')
+  end
   want(r.S, r.tf)
   want(r.S, 'T')
   want(r.S, 'C')
@@ -212,6 +222,12 @@ for _, r in ipairs(rels) do
       put(S, r.tf, held - r.refund)
     end
     put(S, 'T', math.max(0, (get(S, 'T') or 0) - given))
+  end
+  local reqs = r.requests > 0 and get(S, r.rf)
+  if reqs then
+    local given = math.min(r.requests, reqs)
+    put(S, r.rf, reqs - given > 0 and reqs - given or false)
+    put(S, 'R', math.max(0, (get(S, 'R') or 0) - given))
   end
   if r.leases > 0 and get(S, r.lf) then
     local held = get(S, r.nf) or 1

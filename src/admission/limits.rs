@@ -55,6 +55,8 @@ impl Local {
             if r.subject.limits.tpm.is_some() {
                 s.window.refund(r.at_sec, now_sec, r.refund);
             }
+            // A release's `requests` (a block's calls never taken) never
+            // comes here: blocks are made in Redis only.
             if r.subject.has_lease() {
                 s.in_flight = s.in_flight.saturating_sub(u32::try_from(r.leases).unwrap_or(u32::MAX));
             }
@@ -237,6 +239,7 @@ mod tests {
                 at_sec: granted.at_sec,
                 refund: 0,
                 leases: 1,
+                requests: 0,
             }],
             ..charge(&[&s], 0)
         };
@@ -263,6 +266,7 @@ mod tests {
                     at_sec: g.at_sec,
                     refund: 700,
                     leases: 1,
+                    requests: 0,
                 }],
                 ..Default::default()
             })

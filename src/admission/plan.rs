@@ -65,8 +65,8 @@ pub struct Charge {
 
 /// Gives back a reservation made at `at_sec` by ticket `member`: `refund`
 /// tokens (negative: charge more, the call used more than reserved) and
-/// `leases` of its leases (1 for a call; a block's unused ones when it is
-/// given back). The member is the release's own: settles of several
+/// `leases` of its leases (1 for a call; a block's unused ones, and their
+/// `requests`, when it is given back). The member is the release's own: settles of several
 /// tickets may ride on one step, and the calls of one block share one.
 #[derive(Debug, Clone)]
 pub struct Release {
@@ -75,6 +75,9 @@ pub struct Release {
     pub at_sec: u64,
     pub refund: i64,
     pub leases: u64,
+    /// Requests taken off `at_sec`'s count: a block's calls never taken
+    /// (0 for a call, which counts as a request however it ends).
+    pub requests: u64,
 }
 
 #[derive(Debug, Clone, Default)]

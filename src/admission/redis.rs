@@ -287,6 +287,7 @@ struct SentRelease<'a> {
     at_sec: u64,
     refund: i64,
     leases: u64,
+    requests: u64,
 }
 
 /// One budget refund as sent: the sum of a step's refunds to one key's
@@ -314,7 +315,8 @@ impl<'a> Merged<'a> {
             for r in &op.releases {
                 let refund = if r.subject.limits.tpm.is_some() { r.refund } else { 0 };
                 let leases = if r.subject.has_lease() { r.leases } else { 0 };
-                if refund == 0 && leases == 0 {
+                let requests = if r.subject.limits.rpm.is_some() { r.requests } else { 0 };
+                if refund == 0 && leases == 0 && requests == 0 {
                     continue;
                 }
                 let same = releases.iter_mut().find(|s| {
@@ -324,6 +326,7 @@ impl<'a> Merged<'a> {
                     Some(s) => {
                         s.refund = s.refund.saturating_add(refund);
                         s.leases = s.leases.saturating_add(leases);
+                        s.requests = s.requests.saturating_add(requests);
                     }
                     None => releases.push(SentRelease {
                         subject: &r.subject,
@@ -331,6 +334,7 @@ impl<'a> Merged<'a> {
                         at_sec: r.at_sec,
                         refund,
                         leases,
+                        requests,
                     }),
                 }
             }
@@ -386,7 +390,7 @@ fn command(tickets: &[&Op], merged: &Merged<'_>, verb: &str, script: &str) -> re
     }
     cmd.arg(nrel).arg(nref).arg(tickets.len());
     for r in &merged.releases {
-        cmd.arg(r.member).arg(r.at_sec).arg(r.refund).arg(r.leases);
+        cmd.arg(r.member).arg(r.at_sec).arg(r.refund).arg(r.leases).arg(r.requests);
     }
     for r in &merged.refunds {
         cmd.arg(r.window).arg(r.tokens).arg(r.nano_usd);

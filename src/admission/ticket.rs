@@ -65,6 +65,7 @@ impl TargetHold {
             at_sec: self.at_sec,
             refund,
             leases: 1,
+            requests: 0,
         })
     }
 }
@@ -196,6 +197,7 @@ impl Ticket {
                     at_sec: k.at_sec,
                     refund,
                     leases: 1,
+                    requests: 0,
                 });
             }
             if let Some(window) = k.window {

@@ -278,7 +278,7 @@ async fn the_script_decides_the_tickets_of_a_step_in_order() {
     // A settle-only step (no ticket) answers with the refunds alone.
     let mut settle = redis::cmd("EVAL");
     settle.arg(include_str!("../../src/admission/charge_v5.lua")).arg(1).arg(SUBJECT);
-    settle.arg(&[1, 0, 0]).arg("a").arg(0).arg(0).arg(1);
+    settle.arg(&[1, 0, 0]).arg("a").arg(0).arg(0).arg(1).arg(0);
     let answer: Vec<i64> = redis.query(&settle).await;
     assert!(answer.is_empty(), "{answer:?}");
     assert_eq!(rate_fields(&redis).await.get("C"), Some(&1), "a gave its slot back");
@@ -636,11 +636,12 @@ async fn the_script_counts_live_leases_and_purges_those_that_ran_out() {
 /// Settles of two tickets riding on a third's admission, in one step:
 /// their tokens and leases come back before the new charge is checked,
 /// and a release given twice frees one slot, not two.
-/// Runs the script with `releases` (member, leases) first, then one
-/// ticket of `units` calls charging `[rpm, tpm, cc, tokens]` on SUBJECT.
+/// Runs the script with `releases` (member, at_sec, leases, requests)
+/// first, then one ticket of `units` calls charging `[rpm, tpm, cc,
+/// tokens]` on SUBJECT.
 async fn block_step(
     redis: &RedisServer,
-    releases: &[(&str, i64)],
+    releases: &[(&str, i64, i64, i64)],
     ticket: Option<(&str, i64, [i64; 4])>,
 ) -> Vec<i64> {
     let mut cmd = redis::cmd("EVAL");
@@ -650,8 +651,8 @@ async fn block_step(
         cmd.arg(SUBJECT);
     }
     cmd.arg(releases.len()).arg(0).arg(usize::from(ticket.is_some()));
-    for (member, leases) in releases {
-        cmd.arg(member).arg(0).arg(0).arg(leases);
+    for (member, at_sec, leases, requests) in releases {
+        cmd.arg(member).arg(at_sec).arg(0).arg(leases).arg(requests);
     }
     if let Some((member, units, limits)) = ticket {
         cmd.arg(member).arg(60_000).arg(units).arg(1).arg(0).arg(&limits);
@@ -666,24 +667,34 @@ async fn block_step(
 async fn the_script_reserves_blocks_and_gives_their_leases_back_by_count() {
     let redis = RedisServer::start().await;
     // rpm 10, concurrency 4: a block of 3 and one call fit; one more does not.
-    assert_eq!(block_step(&redis, &[], Some(("blk", 3, [10, -1, 4, 30]))).await[0], 1);
+    let granted = block_step(&redis, &[], Some(("blk", 3, [10, -1, 4, 30]))).await;
+    assert_eq!(granted[0], 1, "{granted:?}");
+    let at = granted[1];
     let fields = rate_fields(&redis).await;
     assert_eq!(
         (fields.get("R"), fields.get("C"), fields.get("nblk")),
         (Some(&3), Some(&3), Some(&3)),
         "{fields:?}"
     );
-    assert_eq!(block_step(&redis, &[], Some(("x", 1, [10, -1, 4, 10]))).await[0], 1);
+    let x = block_step(&redis, &[], Some(("x", 1, [10, -1, 4, 10]))).await;
+    assert_eq!(x[0], 1, "{x:?}");
     let full = block_step(&redis, &[], Some(("y", 1, [10, -1, 4, 10]))).await;
     assert_eq!(full[..3], [0, 1, 3], "four leases held: {full:?}");
     // Two of the block's calls end: two leases come back, one is left.
-    let _ = block_step(&redis, &[("blk", 1), ("blk", 1)], None).await;
+    let _ = block_step(&redis, &[("blk", at, 1, 0), ("blk", at, 1, 0)], None).await;
     let fields = rate_fields(&redis).await;
     assert_eq!((fields.get("C"), fields.get("nblk")), (Some(&2), Some(&1)), "{fields:?}");
-    // Giving back more than it holds takes only what it holds.
-    let _ = block_step(&redis, &[("blk", 5)], None).await;
+    // The call never taken goes back: its lease and its request. Giving
+    // back more than the block holds takes only what it holds.
+    let _ = block_step(&redis, &[("blk", at, 5, 1)], None).await;
     let fields = rate_fields(&redis).await;
-    assert_eq!(fields.get("C"), Some(&1), "{fields:?}");
+    assert_eq!(
+        (fields.get("C"), fields.get("R")),
+        (Some(&1), Some(&3)),
+        "x's lease; 4 requests less 1: {fields:?}"
+    );
+    let in_blk_second = 3 + i64::from(x[1] == at) - 1;
+    assert_eq!(fields.get(&format!("r{at}")), Some(&in_blk_second), "{fields:?}");
     assert!(!fields.contains_key("lblk") && !fields.contains_key("nblk"), "{fields:?}");
     // A block can never be bigger than the limit.
     let never = block_step(&redis, &[], Some(("big", 11, [10, -1, -1, 10]))).await;
@@ -725,9 +736,9 @@ async fn the_script_applies_carried_settles_before_the_charge() {
     cmd.arg(include_str!("../../src/admission/charge_v5.lua")).arg(5);
     cmd.arg(&[SUBJECT, SUBJECT, SUBJECT, budget, SUBJECT]);
     cmd.arg(&[3, 1, 1]);
-    cmd.arg("a").arg(at).arg(30).arg(1);
-    cmd.arg("b").arg(at).arg(0).arg(1);
-    cmd.arg("a").arg(at).arg(0).arg(1);
+    cmd.arg("a").arg(at).arg(30).arg(1).arg(0);
+    cmd.arg("b").arg(at).arg(0).arg(1).arg(0);
+    cmd.arg("a").arg(at).arg(0).arg(1).arg(0);
     cmd.arg(&[5, 30, 400]);
     cmd.arg(&["c", "60000", "1", "1", "0"]);
     cmd.arg(&[-1, 100, 2, 50]);
