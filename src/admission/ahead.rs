@@ -30,9 +30,9 @@ use super::{
 };
 
 /// Most calls one pool holds.
-const MAX_POOL: u64 = 64;
+const MAX_POOL: u64 = 256;
 /// Most calls one block reserves.
-const MAX_BLOCK: u64 = 16;
+const MAX_BLOCK: u64 = 32;
 /// A pool holds at most this share of any limit (1 / N).
 const SHARE_OF_LIMIT: u64 = 1000;
 /// Fewer calls than this are not worth holding.
