@@ -11,7 +11,7 @@
 //! `batch` (Redis steps shared by the calls of a moment), `ahead`
 //! (admissions made before their calls, under limits far from full),
 //! `plan` (what a step asks of a backend), `control` (the gateway-wide
-//! state), `ticket` (one call).
+//! state), `ticket` (one call), `refusal` (what a refused call is told).
 
 mod ahead;
 mod batch;
@@ -23,6 +23,7 @@ mod plan;
 pub mod prices;
 mod queue;
 mod redis;
+mod refusal;
 mod ticket;
 mod window;
 

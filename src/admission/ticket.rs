@@ -13,13 +13,12 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::{
-    Gate, Refusal, RefusalReason, Scope,
-    budget::Spending,
+    Gate, Refusal, Scope,
     control::{Admission, TargetPlan, Where},
-    plan::{BudgetOp, Charge, Denial, Op, Release, Subject},
+    plan::{BudgetOp, Charge, Op, Release, Subject},
     prices::nano_usd,
     queue::{Place, WaitSlot, expected_wait},
-    window::Exceeded,
+    refusal,
 };
 use crate::chat::Usage;
 
@@ -267,78 +266,6 @@ impl Ticket {
         r
     }
 
-    /// The refusal for a denial by `subject` (the key's, or a target's).
-    fn denial_refusal(
-        &self,
-        d: &Denial,
-        subject: &Subject,
-        plan: Option<&TargetPlan>,
-        tokens: u64,
-        retry_after: Option<Duration>,
-    ) -> Refusal {
-        let l = &subject.limits;
-        let figure = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-        let (reason, mut description) = match d {
-            Denial::Window { full, .. } => match full.limit {
-                Exceeded::Rpm => {
-                    (RefusalReason::RateLimited, format!("rpm {} of {}", figure(l.rpm), subject.name))
-                }
-                Exceeded::Tpm => {
-                    (RefusalReason::RateLimited, format!("tpm {} of {}", figure(l.tpm), subject.name))
-                }
-            },
-            Denial::Concurrency { .. } => (
-                RefusalReason::ConcurrencyLimited,
-                format!("concurrency {} of {}", figure(l.concurrency.map(u64::from)), subject.name),
-            ),
-            Denial::Budget(e) => {
-                let b = subject.budget.as_ref();
-                let amount = match e.what {
-                    Spending::Tokens => format!("{} tokens", figure(b.and_then(|b| b.tokens))),
-                    Spending::Usd => {
-                        let usd = b
-                            .and_then(|b| b.nano_usd)
-                            .map_or(0.0, |n| n as f64 / super::prices::NANO_PER_USD);
-                        format!("{usd} USD")
-                    }
-                };
-                (
-                    RefusalReason::BudgetExhausted,
-                    format!("budget of {amount} per {} of {}", subject.budget_window, subject.name),
-                )
-            }
-        };
-        if d.never() {
-            description.push_str(&format!(": this call alone reserves {tokens} tokens"));
-        }
-        let subject_id = match (subject.scope, plan) {
-            (Scope::Target, Some(p)) => p.subject(),
-            _ => subject.id.to_string(),
-        };
-        Refusal {
-            reason,
-            scope: subject.scope,
-            subject: subject_id,
-            description,
-            retry_after: if d.never() { None } else { retry_after },
-        }
-    }
-
-    fn queue_refusal(
-        &self,
-        plan: &TargetPlan,
-        description: String,
-        retry_after: Option<Duration>,
-    ) -> Refusal {
-        Refusal {
-            reason: RefusalReason::QueueTimeout,
-            scope: Scope::Target,
-            subject: plan.subject(),
-            description,
-            retry_after,
-        }
-    }
-
     async fn reserve_inner(
         &mut self,
         provider: &str,
@@ -422,7 +349,7 @@ impl Ticket {
         {
             let Some(slot) = admission.waiting.enter() else {
                 let d = "the wait queue is full (queue.max_waiting)".to_owned();
-                return Err(self.refused(self.queue_refusal(plan, d, None)));
+                return Err(self.refused(refusal::queue(plan, d, None)));
             };
             let (joined, ahead) = plan.queue.join(tokens);
             let decides = if admission.shared_is_up() == Some(false) { Where::Local } else { Where::Shared };
@@ -434,7 +361,7 @@ impl Ticket {
                 );
                 // Leaves the queue (and its slot) at once.
                 drop((joined, slot));
-                return Err(self.refused(self.queue_refusal(plan, d, Some(estimate))));
+                return Err(self.refused(refusal::queue(plan, d, Some(estimate))));
             }
             place = Some((joined, slot));
         }
@@ -446,7 +373,7 @@ impl Ticket {
                     _ = p.woken() => continue,
                     _ = tokio::time::sleep_until(wait_until) => {
                         let d = format!("no capacity at target {}/{} within queue.max_wait or the call's deadline", plan.provider, plan.model);
-                        break Err(self.queue_refusal(plan, d, hint));
+                        break Err(refusal::queue(plan, d, hint));
                     }
                 }
             }
@@ -501,10 +428,10 @@ impl Ticket {
                 let Some(k) = &key else {
                     break Err(Admission::unavailable(unavailable_subject));
                 };
-                break Err(self.denial_refusal(&denial, k, None, tokens, denial.retry_after()));
+                break Err(refusal::denial(&denial, k, None, tokens, denial.retry_after()));
             };
             if denial.never() {
-                break Err(self.denial_refusal(&denial, subject, Some(plan), tokens, None));
+                break Err(refusal::denial(&denial, subject, Some(plan), tokens, None));
             }
             // The target is full: wait for it, if the wait can end in time.
             hint = denial.retry_after();
@@ -520,11 +447,11 @@ impl Ticket {
             plan.mark_full(&admission.clock, hint.unwrap_or(poll));
             if now + estimate > wait_until || now >= wait_until && place.is_none() {
                 let retry = hint.map(|h| h.max(estimate));
-                break Err(self.denial_refusal(&denial, subject, Some(plan), tokens, retry));
+                break Err(refusal::denial(&denial, subject, Some(plan), tokens, retry));
             }
             if place.is_none() {
                 let Some(slot) = admission.waiting.enter() else {
-                    break Err(self.queue_refusal(
+                    break Err(refusal::queue(
                         plan,
                         "the wait queue is full (queue.max_waiting)".into(),
                         hint,
@@ -545,7 +472,7 @@ impl Ticket {
                     "no capacity at target {}/{} within queue.max_wait or the call's deadline",
                     plan.provider, plan.model
                 );
-                break Err(self.queue_refusal(plan, d, hint));
+                break Err(refusal::queue(plan, d, hint));
             }
         };
         if place.is_some() {
