@@ -665,7 +665,15 @@ async fn block_step(
 /// block's leases and drops a dead one's.
 #[tokio::test]
 async fn the_script_reserves_blocks_and_gives_their_leases_back_by_count() {
-    let redis = RedisServer::start().await;
+    blocks_are_counted_and_given_back(RedisServer::start().await).await;
+}
+
+#[tokio::test]
+async fn the_script_reserves_blocks_and_gives_their_leases_back_by_count_on_valkey() {
+    blocks_are_counted_and_given_back(RedisServer::valkey().await).await;
+}
+
+async fn blocks_are_counted_and_given_back(redis: RedisServer) {
     // rpm 10, concurrency 4: a block of 3 and one call fit; one more does not.
     let granted = block_step(&redis, &[], Some(("blk", 3, [10, -1, 4, 30]))).await;
     assert_eq!(granted[0], 1, "{granted:?}");
