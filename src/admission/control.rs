@@ -268,10 +268,8 @@ impl Admission {
         let bound = steps.shared().timeout() * 3;
         let op = Arc::new(op);
         let verdict = self.ask(op.clone(), bound).await;
-        if let (Ok(Ok(g)), BudgetOp::Charge { subject, .. }) = (&verdict, &op.budget)
-            && let Some(b) = g.budget
-        {
-            self.local.mirror_budget(subject, b);
+        if let Ok(decision) = &verdict {
+            self.mirror_charge(decision, &op);
         }
         verdict
     }
@@ -347,11 +345,7 @@ impl Admission {
         };
         match verdict {
             Ok(decision) => {
-                if let (Ok(g), BudgetOp::Charge { subject, .. }) = (&decision, &op.budget)
-                    && let Some(b) = g.budget
-                {
-                    self.local.mirror_budget(subject, b);
-                }
+                self.mirror_charge(&decision, &op);
                 Ok((Where::Shared, decision))
             }
             Err(_) if self.failure_mode == FailureMode::Closed => Err(refuse()),
@@ -368,6 +362,16 @@ impl Admission {
                 };
                 Ok((Where::Local, self.local.run(&local)))
             }
+        }
+    }
+
+    /// A budget charge Redis granted, mirrored locally (what
+    /// `failure_mode: open` starts from if Redis goes away).
+    fn mirror_charge(&self, decision: &Result<Granted, Denial>, op: &Op) {
+        if let (Ok(g), BudgetOp::Charge { subject, .. }) = (decision, &op.budget)
+            && let Some(b) = g.budget
+        {
+            self.local.mirror_budget(subject, b);
         }
     }
 
