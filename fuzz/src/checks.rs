@@ -7,12 +7,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::Event;
 use llm_gateway::{
     chat::Delta,
     config::{self, ProviderKind},
     core::Keys,
-    providers::{ProviderError, fuzzing},
+    providers::{
+        ProviderError,
+        fuzzing::{self, SseEvent},
+    },
 };
 
 /// The input's first byte seeds how the rest is cut into chunks, so that
@@ -322,7 +324,7 @@ pub fn translate_events(kind: ProviderKind, data: &[u8]) {
             _ => json(&mut c, &words, 0).to_string(),
         };
         input += data.len();
-        events.push(Event { event, data, id: String::new(), retry: None });
+        events.push(SseEvent { event, data });
     }
     let items = fuzzing::translate_events(kind, events);
     a_well_formed_answer(&items, input);

@@ -5,7 +5,6 @@
 
 use std::{borrow::Cow, collections::HashMap};
 
-use eventsource_stream::Event;
 use futures_util::{FutureExt, future::BoxFuture};
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
@@ -14,7 +13,7 @@ use serde_json::{Value, json};
 use super::{
     DeltaStream, Provider, ProviderError, UpstreamCall,
     http::{self, Endpoint},
-    sse::{self, Translate},
+    sse::{self, Event, Translate},
 };
 use crate::{
     chat::{
@@ -319,7 +318,7 @@ impl Translator {
 }
 
 impl Translate for Translator {
-    fn event(&mut self, event: Event) -> Result<Option<Delta>, ProviderError> {
+    fn event(&mut self, event: Event<'_>) -> Result<Option<Delta>, ProviderError> {
         let data = event.data.trim();
         if data.is_empty() {
             return Ok(None);
@@ -411,8 +410,8 @@ mod tests {
     use super::*;
     use crate::chat::{Message, Tool, ToolCall};
 
-    fn ev(data: &str) -> Event {
-        Event { event: String::new(), data: data.into(), id: String::new(), retry: None }
+    fn ev(data: &str) -> Event<'_> {
+        Event { event: "message", data }
     }
 
     #[test]

@@ -5,7 +5,6 @@
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use eventsource_stream::Event;
 use futures_util::Stream;
 
 use super::{DeltaStream, ProviderError, anthropic, gemini, openai, sse};
@@ -14,11 +13,20 @@ use crate::{chat::Delta, config::ProviderKind};
 /// The provider kinds that have a wire format to translate.
 pub const KINDS: &[ProviderKind] = &[ProviderKind::Openai, ProviderKind::Anthropic, ProviderKind::Gemini];
 
+/// One SSE event, owned: its type (`message` unless named) and its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+}
+
 /// The SSE events of a body that arrives as `chunks`, in order, to the end
 /// of the body or the first error.
-pub fn sse_events(chunks: Vec<Bytes>) -> Vec<Result<Event, ProviderError>> {
+pub fn sse_events(chunks: Vec<Bytes>) -> Vec<Result<SseEvent, ProviderError>> {
     let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, reqwest::Error>));
-    drain(std::pin::pin!(sse::events(body)))
+    let events =
+        futures_util::StreamExt::map(sse::events(body), |e| e.map(|(event, data)| SseEvent { event, data }));
+    drain(std::pin::pin!(events))
 }
 
 /// Everything the delta stream of a `kind` upstream yields for a body that
@@ -39,7 +47,7 @@ pub fn translate(kind: ProviderKind, chunks: Vec<Bytes>) -> Vec<Result<Delta, Pr
 /// What a `kind` translator makes of `events` followed by the end of the
 /// body, stopping where the stream path stops: after the final delta or the
 /// first error.
-pub fn translate_events(kind: ProviderKind, events: Vec<Event>) -> Vec<Result<Delta, ProviderError>> {
+pub fn translate_events(kind: ProviderKind, events: Vec<SseEvent>) -> Vec<Result<Delta, ProviderError>> {
     match kind {
         ProviderKind::Openai => run(openai::Translator::default(), events),
         ProviderKind::Anthropic => run(anthropic::Translator::default(), events),
@@ -48,10 +56,10 @@ pub fn translate_events(kind: ProviderKind, events: Vec<Event>) -> Vec<Result<De
     }
 }
 
-fn run(mut t: impl sse::Translate, events: Vec<Event>) -> Vec<Result<Delta, ProviderError>> {
+fn run(mut t: impl sse::Translate, events: Vec<SseEvent>) -> Vec<Result<Delta, ProviderError>> {
     let mut out = Vec::new();
     for event in events {
-        match t.event(event) {
+        match t.event(sse::Event { event: &event.event, data: &event.data }) {
             Ok(None) => {}
             Ok(Some(delta)) => {
                 let last = delta.finish.is_some();

@@ -6,7 +6,6 @@
 
 use std::{borrow::Cow, collections::HashMap};
 
-use eventsource_stream::Event;
 use futures_util::{FutureExt, future::BoxFuture};
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
@@ -15,7 +14,7 @@ use serde_json::{Map, Value, json};
 use super::{
     DeltaStream, Provider, ProviderError, UpstreamCall,
     http::{self, Endpoint},
-    sse::{self, Translate},
+    sse::{self, Event, Translate},
 };
 use crate::{
     chat::{
@@ -490,7 +489,7 @@ impl Translator {
 }
 
 impl Translate for Translator {
-    fn event(&mut self, event: Event) -> Result<Option<Delta>, ProviderError> {
+    fn event(&mut self, event: Event<'_>) -> Result<Option<Delta>, ProviderError> {
         let data = event.data.trim();
         if data.is_empty() {
             return Ok(None);
@@ -539,8 +538,8 @@ mod tests {
     use super::*;
     use crate::chat::{Tool, ToolCall};
 
-    fn ev(data: &str) -> Event {
-        Event { event: String::new(), data: data.into(), id: String::new(), retry: None }
+    fn ev(data: &str) -> Event<'_> {
+        Event { event: "message", data }
     }
 
     fn translator() -> Translator {

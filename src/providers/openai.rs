@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 
-use eventsource_stream::Event;
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -11,7 +10,7 @@ use serde_json::{Value, json};
 use super::{
     DeltaStream, Provider, ProviderError, UpstreamCall,
     http::{self, Endpoint},
-    sse::{self, Translate},
+    sse::{self, Event, Translate},
 };
 use crate::{
     chat::{
@@ -268,7 +267,7 @@ impl Translator {
 }
 
 impl Translate for Translator {
-    fn event(&mut self, event: Event) -> Result<Option<Delta>, ProviderError> {
+    fn event(&mut self, event: Event<'_>) -> Result<Option<Delta>, ProviderError> {
         let data = event.data.trim();
         if data.is_empty() {
             return Ok(None);
@@ -362,8 +361,8 @@ fn finish_reason(reason: &str) -> Option<FinishReason> {
 mod tests {
     use super::*;
 
-    fn ev(data: &str) -> Event {
-        Event { event: "message".into(), data: data.into(), id: String::new(), retry: None }
+    fn ev(data: &str) -> Event<'_> {
+        Event { event: "message", data }
     }
 
     #[test]
