@@ -209,9 +209,9 @@ enum WireEvent<'a> {
 
 #[derive(Deserialize)]
 struct StartMessage<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, deserialize_with = "sse::borrowed_text", default)]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, deserialize_with = "sse::borrowed_text", default)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     usage: Option<WireUsage>,

@@ -302,9 +302,9 @@ struct WireResponse<'a> {
     prompt_feedback: Option<PromptFeedback>,
     #[serde(default)]
     usage_metadata: Option<WireUsage>,
-    #[serde(borrow, default)]
+    #[serde(borrow, deserialize_with = "sse::borrowed_text", default)]
     model_version: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, deserialize_with = "sse::borrowed_text", default)]
     response_id: Option<Cow<'a, str>>,
     #[serde(default)]
     error: Option<Value>,

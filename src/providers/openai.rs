@@ -151,9 +151,9 @@ fn message(m: &Message) -> Value {
 
 #[derive(Deserialize)]
 struct Chunk<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, deserialize_with = "sse::borrowed_text", default)]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, deserialize_with = "sse::borrowed_text", default)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     choices: Vec<Choice>,
@@ -363,6 +363,19 @@ mod tests {
 
     fn ev(data: &str) -> Event<'_> {
         Event { event: "message", data }
+    }
+
+    #[test]
+    fn a_chunk_borrows_its_id_and_model_from_the_event() {
+        let chunk: Chunk<'_> = sse::json(r#"{"id":"c1","model":"gpt-x","choices":[]}"#).unwrap();
+        assert!(matches!(chunk.id, Some(Cow::Borrowed("c1"))));
+        assert!(matches!(chunk.model, Some(Cow::Borrowed("gpt-x"))));
+        // Text with an escape cannot be borrowed; it is still read.
+        let chunk: Chunk<'_> = sse::json(r#"{"id":"c\"1","model":null}"#).unwrap();
+        assert_eq!(chunk.id.as_deref(), Some("c\"1"));
+        assert!(chunk.model.is_none());
+        let chunk: Chunk<'_> = sse::json(r#"{"choices":[]}"#).unwrap();
+        assert!(chunk.id.is_none());
     }
 
     #[test]

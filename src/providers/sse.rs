@@ -185,6 +185,20 @@ pub(crate) fn json<'a, D: serde::Deserialize<'a>>(data: &'a str) -> Result<D, Pr
     })
 }
 
+/// An optional JSON string, borrowed from the event's data unless it holds
+/// escapes. serde borrows a `Cow<str>` field only when the field is the
+/// `Cow` itself: inside an `Option` it always copies, which cost two
+/// allocations per OpenAI chunk (`id` and `model`). For
+/// `#[serde(borrow, default, deserialize_with = "sse::borrowed_text")]`.
+pub(crate) fn borrowed_text<'de, D>(d: D) -> Result<Option<std::borrow::Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(serde::Deserialize)]
+    struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+    <Option<Text<'de>> as serde::Deserialize>::deserialize(d).map(|t| t.map(|t| t.0))
+}
+
 /// Largest SSE event accepted: the bytes of its lines (line ends not
 /// counted) up to its blank line. An event is held until that line comes,
 /// so an upstream that never sends one must be cut off.
