@@ -653,6 +653,7 @@ async fn tracing_cost(
             duration: plan.tracing_time,
             max_time: plan.run_limit,
             key: None,
+            perf: None,
         };
         let mut variant = phases::tracing_variant(bin, config, run).await?;
         if label == "collector down" && !collector::still_refused(dead) {
@@ -720,6 +721,7 @@ async fn admission_cost(
         // between them but time), and the repeat shows by how much.
         ("no limits, again", config.to_owned(), None, Vec::new(), None),
     ];
+    let perf_all = results_dir().join("gateway-perf-all.data");
     let mut out = Vec::new();
     for (label, config, key, env, stats) in variants {
         progress(&format!(
@@ -735,6 +737,9 @@ async fn admission_cost(
             duration: plan.tracing_time,
             max_time: plan.run_limit,
             key,
+            // `--perf`: the every-feature row (#17 item 3) is the one whose
+            // cost is still to be found.
+            perf: (options.perf && label == "Redis + OTLP").then_some(perf_all.as_path()),
         };
         let mut variant = phases::tracing_variant(bin, &config, run).await?;
         // The same c=1 calls straight to the upstream, right after: what the

@@ -164,6 +164,8 @@ pub struct TracingRun<'a> {
     pub max_time: Duration,
     /// The client key the calls carry, when the config has `api_keys`.
     pub key: Option<&'static str>,
+    /// `perf record` the gateway during the saturation run, into this file.
+    pub perf: Option<&'a Path>,
 }
 
 /// A fresh gateway started with `run.env`, then the same workload as the
@@ -192,9 +194,16 @@ pub async fn tracing_variant(
         Arc::new(Target::gateway(gateway.grpc_addr, connections_for(c), "fast").await?.with_key(run.key));
     let warmup = load::run(many.clone(), c, u64::MAX, (run.duration / 3).min(Duration::from_secs(1))).await;
     served += warmup.calls + warmup.errors;
+    let profiler = match run.perf {
+        Some(out) => Some(super::perf::Recorder::start(gateway.pid, out)?),
+        None => None,
+    };
     let before = CpuTicks::sample(&gateway)?;
     let throughput = load::run(many, c, u64::MAX, run.duration).await;
     let cpu = CpuTicks::sample(&gateway)?.since(before);
+    if let Some(p) = profiler {
+        p.stop().await;
+    }
     served += throughput.calls + throughput.errors;
 
     // The last calls' spans end just after their callers see the end; then
