@@ -654,6 +654,7 @@ async fn tracing_cost(
             max_time: plan.run_limit,
             key: None,
             perf: None,
+            plain: None,
         };
         let mut variant = phases::tracing_variant(bin, config, run).await?;
         if label == "collector down" && !collector::still_refused(dead) {
@@ -722,6 +723,10 @@ async fn admission_cost(
         ("no limits, again", config.to_owned(), None, Vec::new(), None),
     ];
     let perf_all = results_dir().join("gateway-perf-all.data");
+    // The plain gateway each limited row takes turns with (see
+    // `phases::Interleaved`); the ratios #12 item 10 and #17 item 3 name are
+    // read from those turns.
+    let plain = Gateway::spawn(bin, config).await?;
     let mut out = Vec::new();
     for (label, config, key, env, stats) in variants {
         progress(&format!(
@@ -740,6 +745,9 @@ async fn admission_cost(
             // `--perf`: the every-feature row (#17 item 3) is the one whose
             // cost is still to be found.
             perf: (options.perf && label == "Redis + OTLP").then_some(perf_all.as_path()),
+            // The no-limit rows too: plain against plain, the method's own
+            // control (it should read about 100 %).
+            plain: Some(&plain),
         };
         let mut variant = phases::tracing_variant(bin, &config, run).await?;
         // The same c=1 calls straight to the upstream, right after: what the

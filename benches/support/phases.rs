@@ -166,6 +166,65 @@ pub struct TracingRun<'a> {
     pub key: Option<&'static str>,
     /// `perf record` the gateway during the saturation run, into this file.
     pub perf: Option<&'a Path>,
+    /// A gateway with no feature on, to run saturation slices with this one
+    /// in turn ([`Interleaved`]).
+    pub plain: Option<&'a Gateway>,
+}
+
+/// Saturation slices on a plain gateway and on the measured one in turn,
+/// in the order plain, measured, measured, plain, repeated: a drift of the
+/// machine's speed during the row then falls on both alike, which two rows
+/// run a minute apart cannot promise (their speeds have differed by up to
+/// 32 % with nothing changed between them).
+#[derive(Debug, Default, Clone)]
+pub struct Interleaved {
+    pub slices: usize,
+    pub slice: Duration,
+    pub plain_calls: u64,
+    pub plain_secs: f64,
+    pub calls: u64,
+    pub secs: f64,
+    pub errors: u64,
+}
+
+impl Interleaved {
+    /// The measured gateway's calls/s over the plain one's.
+    pub fn ratio(&self) -> f64 {
+        (self.calls as f64 / self.secs.max(1e-9))
+            / (self.plain_calls as f64 / self.plain_secs.max(1e-9)).max(1e-9)
+    }
+}
+
+async fn interleaved(
+    plain: &Gateway,
+    gateway: &Gateway,
+    key: Option<&'static str>,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Interleaved, BoxError> {
+    const SLICES: usize = 8;
+    let connections = connections_for(concurrency);
+    let a = Arc::new(Target::gateway(plain.grpc_addr, connections, "fast").await?);
+    let b = Arc::new(Target::gateway(gateway.grpc_addr, connections, "fast").await?.with_key(key));
+    let warmup = Duration::from_millis(300);
+    load::run(a.clone(), concurrency, u64::MAX, warmup).await;
+    load::run(b.clone(), concurrency, u64::MAX, warmup).await;
+    let slice = duration / (SLICES as u32 / 2);
+    let mut out = Interleaved { slices: SLICES, slice, ..Interleaved::default() };
+    for i in 0..SLICES {
+        let plain_turn = matches!(i % 4, 0 | 3);
+        let target = if plain_turn { a.clone() } else { b.clone() };
+        let r = load::run(target, concurrency, u64::MAX, slice).await;
+        out.errors += r.errors;
+        if plain_turn {
+            out.plain_calls += r.calls;
+            out.plain_secs += r.elapsed.as_secs_f64();
+        } else {
+            out.calls += r.calls;
+            out.secs += r.elapsed.as_secs_f64();
+        }
+    }
+    Ok(out)
 }
 
 /// A fresh gateway started with `run.env`, then the same workload as the
@@ -205,6 +264,14 @@ pub async fn tracing_variant(
         p.stop().await;
     }
     served += throughput.calls + throughput.errors;
+    let paired = match run.plain {
+        Some(plain) => {
+            let i = interleaved(plain, &gateway, run.key, c, run.duration).await?;
+            served += i.calls + i.errors;
+            Some(i)
+        }
+        None => None,
+    };
 
     // The last calls' spans end just after their callers see the end; then
     // the exporter (if any) sends what it still holds.
@@ -238,6 +305,7 @@ pub async fn tracing_variant(
         redis_seconds,
         admitted_ahead,
         direct_ttft: None,
+        paired,
         note: None,
     })
 }
