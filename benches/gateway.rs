@@ -23,7 +23,8 @@
 //! Options: `--tokens N` (tokens per answer, 20), `--concurrency N` (calls in
 //! flight in the throughput runs, 64, as in the issue's comparison),
 //! `--baseline BIN` (the throughput rows again against another build, e.g.
-//! `git worktree add ../base <commit> && cargo build --release` there), `--only
+//! `git worktree add ../base <commit> && cargo build --release` there, then
+//! both builds in turns: read the change from the turns), `--only
 //! startup,latency,openloop,throughput,memory,cancel,tracing,admission,soak,tensorzero`
 //! (some parts only). The `tensorzero` part (issue #17) runs TensorZero's
 //! gateway beside ours under the same load (`support::tensorzero`); under
@@ -343,6 +344,7 @@ async fn run(
         latency: Vec::new(),
         openloop: Vec::new(),
         throughput: Vec::new(),
+        turns: Vec::new(),
         burst: None,
         idle_after_load_kib: None,
         memory: None,
@@ -538,6 +540,10 @@ async fn run(
                 let label = "openai, burst, baseline";
                 let run = phases::throughput(label, base, Front::Grpc, burst, "burst", c, time, None);
                 report.throughput.push(run.await?);
+                for (label, model) in [("openai, per-token", "fast"), ("openai, burst", "burst")] {
+                    progress(&format!("throughput, {label}, this build and the baseline in turns, c={c}"));
+                    report.turns.push(phases::turns(label, &gateway, base, model, c, time).await?);
+                }
             }
             progress("1,024 calls at once on one connection");
             report.burst = Some((1024, phases::burst(&gateway, 1024, plan.run_limit).await?));

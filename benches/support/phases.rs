@@ -148,6 +148,74 @@ pub async fn throughput(
     Ok(Pair { label: label.to_owned(), concurrency, direct: direct_run, gateway: gateway_run, cpu })
 }
 
+/// One side of [`Turns`]: its slices' sums.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Side {
+    pub calls: u64,
+    pub deltas: u64,
+    pub secs: f64,
+    /// The gateway's CPU over its slices.
+    pub cpu_s: f64,
+    pub errors: u64,
+}
+
+impl Side {
+    pub fn calls_per_s(&self) -> f64 {
+        self.calls as f64 / self.secs.max(1e-9)
+    }
+
+    pub fn us_per_delta(&self) -> f64 {
+        self.cpu_s * 1e6 / self.deltas.max(1) as f64
+    }
+}
+
+/// The same saturation load on this build and on the baseline in turns
+/// (this build, the baseline, the baseline, this build, twice), each side's
+/// slices summed: what `--baseline` compares, with a drift of the machine's
+/// speed falling on both alike. Run after the rows one after the other,
+/// whose order put the baseline always second (in one hour of runs, a
+/// change read +14 %, +3 % and −15 % that way).
+#[derive(Debug, Clone)]
+pub struct Turns {
+    pub label: &'static str,
+    pub slices: usize,
+    pub slice: Duration,
+    pub main: Side,
+    pub base: Side,
+}
+
+pub async fn turns(
+    label: &'static str,
+    main: &Gateway,
+    base: &Gateway,
+    model: &'static str,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Turns, BoxError> {
+    const SLICES: usize = 8;
+    let a = Arc::new(via(main, Front::Grpc, model, concurrency).await?);
+    let b = Arc::new(via(base, Front::Grpc, model, concurrency).await?);
+    let warmup = Duration::from_millis(300);
+    load::run(a.clone(), concurrency, u64::MAX, warmup).await;
+    load::run(b.clone(), concurrency, u64::MAX, warmup).await;
+    let slice = duration / (SLICES as u32 / 2);
+    let mut out = Turns { label, slices: SLICES, slice, main: Side::default(), base: Side::default() };
+    for i in 0..SLICES {
+        let main_turn = matches!(i % 4, 0 | 3);
+        let (target, gateway) = if main_turn { (a.clone(), main) } else { (b.clone(), base) };
+        let before = CpuTicks::sample(gateway)?;
+        let r = load::run(target, concurrency, u64::MAX, slice).await;
+        let cpu = CpuTicks::sample(gateway)?.since(before);
+        let side = if main_turn { &mut out.main } else { &mut out.base };
+        side.calls += r.calls;
+        side.deltas += r.deltas;
+        side.secs += r.elapsed.as_secs_f64();
+        side.cpu_s += cpu.gateway_s;
+        side.errors += r.errors;
+    }
+    Ok(out)
+}
+
 /// How one tracing-cost gateway is run.
 pub struct TracingRun<'a> {
     pub label: &'static str,

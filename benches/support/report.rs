@@ -189,6 +189,8 @@ pub struct Report {
     /// Open-loop time to first token, one entry per arrival rate.
     pub openloop: Vec<OpenLoop>,
     pub throughput: Vec<Pair>,
+    /// `--baseline`: the throughput rows again, both builds in turns.
+    pub turns: Vec<super::phases::Turns>,
     /// Calls started at once on one connection, and what came of them.
     pub burst: Option<(usize, RunResult)>,
     pub idle_after_load_kib: Option<u64>,
@@ -358,6 +360,30 @@ impl Report {
              cores = CPU used during the gateway run by the gateway, the load client, the fake upstream\n   \
              and every other process on the machine, which should be about 0)"
         );
+        if let Some(t) = self.turns.first() {
+            let _ = writeln!(
+                out,
+                "\nThis build and the baseline in turns (c={c}; {} slices of {:.1} s: this build, baseline, baseline, \
+                 this build, twice)",
+                t.slices,
+                t.slice.as_secs_f64(),
+                c = self.throughput.first().map(|p| p.concurrency).unwrap_or(0),
+            );
+        }
+        for t in &self.turns {
+            let errors = t.main.errors + t.base.errors;
+            let _ = writeln!(
+                out,
+                "  {:<24} gw CPU µs/delta {:.2} vs {:.2} baseline ({:+.1} %); calls/s {:.0} vs {:.0}{}",
+                t.label,
+                t.main.us_per_delta(),
+                t.base.us_per_delta(),
+                (t.main.us_per_delta() / t.base.us_per_delta().max(1e-9) - 1.0) * 100.0,
+                t.main.calls_per_s(),
+                t.base.calls_per_s(),
+                if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
+            );
+        }
         if let Some((n, b)) = &self.burst {
             let _ = writeln!(
                 out,
@@ -815,6 +841,23 @@ impl Report {
             "latency": self.latency.iter().map(pair).collect::<Vec<_>>(),
             "openloop": self.openloop.iter().map(openloop).collect::<Vec<_>>(),
             "throughput": self.throughput.iter().map(pair).collect::<Vec<_>>(),
+            "throughput_in_turns_with_baseline": self.turns.iter().map(|t| {
+                let side = |s: &super::phases::Side| json!({
+                    "calls": s.calls,
+                    "deltas": s.deltas,
+                    "seconds": s.secs,
+                    "gateway_cpu_s": s.cpu_s,
+                    "gateway_cpu_us_per_delta": s.us_per_delta(),
+                    "errors": s.errors,
+                });
+                json!({
+                    "label": t.label,
+                    "slices": t.slices,
+                    "slice_s": t.slice.as_secs_f64(),
+                    "this_build": side(&t.main),
+                    "baseline": side(&t.base),
+                })
+            }).collect::<Vec<_>>(),
             "burst_one_connection": self.burst.as_ref().map(|(n, b)| json!({
                 "calls": n,
                 "ok": b.calls,
