@@ -542,7 +542,7 @@ async fn run(
                 report.throughput.push(run.await?);
                 for (label, model) in [("openai, per-token", "fast"), ("openai, burst", "burst")] {
                     progress(&format!("throughput, {label}, this build and the baseline in turns, c={c}"));
-                    report.turns.push(phases::turns(label, &gateway, base, model, c, time).await?);
+                    report.turns.push(phases::turns(label, &gateway, None, base, model, c, time).await?);
                 }
             }
             progress("1,024 calls at once on one connection");
@@ -730,7 +730,7 @@ async fn admission_cost(
     ];
     let perf_all = results_dir().join("gateway-perf-all.data");
     // The plain gateway each limited row takes turns with (see
-    // `phases::Interleaved`); the ratios #12 item 10 and #17 item 3 name are
+    // `phases::Turns`); the ratios #12 item 10 and #17 item 3 name are
     // read from those turns.
     let plain = Gateway::spawn(bin, config).await?;
     let mut out = Vec::new();

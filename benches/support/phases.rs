@@ -159,6 +159,13 @@ pub struct Side {
     pub errors: u64,
 }
 
+impl Turns {
+    /// The main side's calls/s over the baseline's.
+    pub fn ratio(&self) -> f64 {
+        self.main.calls_per_s() / self.base.calls_per_s().max(1e-9)
+    }
+}
+
 impl Side {
     pub fn calls_per_s(&self) -> f64 {
         self.calls as f64 / self.secs.max(1e-9)
@@ -169,12 +176,14 @@ impl Side {
     }
 }
 
-/// The same saturation load on this build and on the baseline in turns
-/// (this build, the baseline, the baseline, this build, twice), each side's
-/// slices summed: what `--baseline` compares, with a drift of the machine's
-/// speed falling on both alike. Run after the rows one after the other,
-/// whose order put the baseline always second (in one hour of runs, a
-/// change read +14 %, +3 % and −15 % that way).
+/// The same saturation load on two gateways in turns (the main one, the
+/// baseline, the baseline, the main one, twice), each side's slices summed,
+/// so that a drift of the machine's speed falls on both alike. Runs one
+/// after the other cannot promise that: two no-limit admission rows of one
+/// run differed by 32 %, and `--baseline`'s rows, which put the baseline
+/// always second, read one change as +14 %, +3 % and −15 % in one hour.
+/// Used by `--baseline` (this build against another) and by the admission
+/// rows (each row against a plain gateway).
 #[derive(Debug, Clone)]
 pub struct Turns {
     pub label: &'static str,
@@ -187,13 +196,14 @@ pub struct Turns {
 pub async fn turns(
     label: &'static str,
     main: &Gateway,
+    main_key: Option<&'static str>,
     base: &Gateway,
     model: &'static str,
     concurrency: usize,
     duration: Duration,
 ) -> Result<Turns, BoxError> {
     const SLICES: usize = 8;
-    let a = Arc::new(via(main, Front::Grpc, model, concurrency).await?);
+    let a = Arc::new(via(main, Front::Grpc, model, concurrency).await?.with_key(main_key));
     let b = Arc::new(via(base, Front::Grpc, model, concurrency).await?);
     let warmup = Duration::from_millis(300);
     load::run(a.clone(), concurrency, u64::MAX, warmup).await;
@@ -235,64 +245,9 @@ pub struct TracingRun<'a> {
     /// `perf record` the gateway during the saturation run, into this file.
     pub perf: Option<&'a Path>,
     /// A gateway with no feature on, to run saturation slices with this one
-    /// in turn ([`Interleaved`]).
+    /// in turn ([`Turns`]: this one is the main side, the plain one the
+    /// baseline).
     pub plain: Option<&'a Gateway>,
-}
-
-/// Saturation slices on a plain gateway and on the measured one in turn,
-/// in the order plain, measured, measured, plain, repeated: a drift of the
-/// machine's speed during the row then falls on both alike, which two rows
-/// run a minute apart cannot promise (their speeds have differed by up to
-/// 32 % with nothing changed between them).
-#[derive(Debug, Default, Clone)]
-pub struct Interleaved {
-    pub slices: usize,
-    pub slice: Duration,
-    pub plain_calls: u64,
-    pub plain_secs: f64,
-    pub calls: u64,
-    pub secs: f64,
-    pub errors: u64,
-}
-
-impl Interleaved {
-    /// The measured gateway's calls/s over the plain one's.
-    pub fn ratio(&self) -> f64 {
-        (self.calls as f64 / self.secs.max(1e-9))
-            / (self.plain_calls as f64 / self.plain_secs.max(1e-9)).max(1e-9)
-    }
-}
-
-async fn interleaved(
-    plain: &Gateway,
-    gateway: &Gateway,
-    key: Option<&'static str>,
-    concurrency: usize,
-    duration: Duration,
-) -> Result<Interleaved, BoxError> {
-    const SLICES: usize = 8;
-    let connections = connections_for(concurrency);
-    let a = Arc::new(Target::gateway(plain.grpc_addr, connections, "fast").await?);
-    let b = Arc::new(Target::gateway(gateway.grpc_addr, connections, "fast").await?.with_key(key));
-    let warmup = Duration::from_millis(300);
-    load::run(a.clone(), concurrency, u64::MAX, warmup).await;
-    load::run(b.clone(), concurrency, u64::MAX, warmup).await;
-    let slice = duration / (SLICES as u32 / 2);
-    let mut out = Interleaved { slices: SLICES, slice, ..Interleaved::default() };
-    for i in 0..SLICES {
-        let plain_turn = matches!(i % 4, 0 | 3);
-        let target = if plain_turn { a.clone() } else { b.clone() };
-        let r = load::run(target, concurrency, u64::MAX, slice).await;
-        out.errors += r.errors;
-        if plain_turn {
-            out.plain_calls += r.calls;
-            out.plain_secs += r.elapsed.as_secs_f64();
-        } else {
-            out.calls += r.calls;
-            out.secs += r.elapsed.as_secs_f64();
-        }
-    }
-    Ok(out)
 }
 
 /// A fresh gateway started with `run.env`, then the same workload as the
@@ -334,9 +289,9 @@ pub async fn tracing_variant(
     served += throughput.calls + throughput.errors;
     let paired = match run.plain {
         Some(plain) => {
-            let i = interleaved(plain, &gateway, run.key, c, run.duration).await?;
-            served += i.calls + i.errors;
-            Some(i)
+            let t = turns(run.label, &gateway, run.key, plain, "fast", c, run.duration).await?;
+            served += t.main.calls + t.main.errors;
+            Some(t)
         }
         None => None,
     };

@@ -168,7 +168,7 @@ pub struct TracingVariant {
     /// The same c=1 calls straight to the upstream (admission rows).
     pub direct_ttft: Option<RunResult>,
     /// Saturation slices taken in turn with a plain gateway (admission rows).
-    pub paired: Option<super::phases::Interleaved>,
+    pub paired: Option<super::phases::Turns>,
     pub note: Option<String>,
 }
 
@@ -658,17 +658,18 @@ impl Report {
         }
         for v in &self.tracing {
             if let Some(p) = &v.paired {
+                let errors = p.main.errors + p.base.errors;
                 let _ = writeln!(
                     out,
-                    "  {} interleaved with a plain gateway ({} slices of {:.1} s, plain/row/row/plain): \
+                    "  {} in turns with a plain gateway ({} slices of {:.1} s, row/plain/plain/row): \
                      {:.0} vs {:.0} calls/s = {:.1} %{}",
                     v.label,
                     p.slices,
                     p.slice.as_secs_f64(),
-                    p.calls as f64 / p.secs.max(1e-9),
-                    p.plain_calls as f64 / p.plain_secs.max(1e-9),
+                    p.main.calls_per_s(),
+                    p.base.calls_per_s(),
                     p.ratio() * 100.0,
-                    if p.errors > 0 { format!(" ({} errors)", p.errors) } else { String::new() }
+                    if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
                 );
             }
         }
@@ -805,14 +806,14 @@ impl Report {
                 "redis_round_trip_seconds": v.redis_seconds,
                 "admitted_ahead": v.admitted_ahead,
                 "direct_ttft_us": v.direct_ttft.as_ref().map(|d| [percentile(&d.ttft_us, 0.5), percentile(&d.ttft_us, 0.99)]),
-                "interleaved_with_plain": v.paired.as_ref().map(|p| json!({
+                "in_turns_with_plain": v.paired.as_ref().map(|p| json!({
                     "slices": p.slices,
                     "slice_s": p.slice.as_secs_f64(),
-                    "calls": p.calls,
-                    "seconds": p.secs,
-                    "plain_calls": p.plain_calls,
-                    "plain_seconds": p.plain_secs,
-                    "errors": p.errors,
+                    "calls": p.main.calls,
+                    "seconds": p.main.secs,
+                    "plain_calls": p.base.calls,
+                    "plain_seconds": p.base.secs,
+                    "errors": p.main.errors + p.base.errors,
                     "ratio": p.ratio(),
                 })),
                 "note": v.note,
