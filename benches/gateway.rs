@@ -661,6 +661,7 @@ async fn tracing_cost(
             key: None,
             perf: None,
             plain: None,
+            direct: None,
         };
         let mut variant = phases::tracing_variant(bin, config, run).await?;
         if label == "collector down" && !collector::still_refused(dead) {
@@ -722,19 +723,35 @@ async fn admission_cost(
         ("limits, local", limited(false, false), Some(KEY), Vec::new(), None),
         ("limits, Redis", limited(true, false), Some(KEY), Vec::new(), None),
         ("all, Redis", limited(true, true), Some(KEY), Vec::new(), None),
-        ("Redis + OTLP", limited(true, false), Some(KEY), exporting, Some(&*collector.stats)),
+        ("Redis + OTLP", limited(true, false), Some(KEY), exporting.clone(), Some(&*collector.stats)),
         // The first row again: this VM's speed drifts within a run (the
         // first row has read up to 30 % faster than the second with nothing
         // between them but time), and the repeat shows by how much.
         ("no limits, again", config.to_owned(), None, Vec::new(), None),
     ];
+    // `--baseline BIN`: the every-feature row again on the other build,
+    // for a same-run before/after of a change to the exporter's path.
+    let baseline = options.baseline.as_deref().map(|b| {
+        (
+            "Redis + OTLP, baseline",
+            limited(true, false),
+            Some(KEY),
+            exporting.clone(),
+            Some(&*collector.stats),
+            b,
+        )
+    });
+    let variants = variants
+        .into_iter()
+        .map(|(label, config, key, env, stats)| (label, config, key, env, stats, bin))
+        .chain(baseline);
     let perf_all = results_dir().join("gateway-perf-all.data");
     // The plain gateway each limited row takes turns with (see
     // `phases::Turns`); the ratios #12 item 10 and #17 item 3 name are
     // read from those turns.
     let plain = Gateway::spawn(bin, config).await?;
     let mut out = Vec::new();
-    for (label, config, key, env, stats) in variants {
+    for (label, config, key, env, stats, bin) in variants {
         progress(&format!(
             "admission cost, {label}: {} calls at c=1, {:?} at c={}",
             plan.tracing_calls, plan.tracing_time, options.throughput_concurrency
@@ -754,13 +771,12 @@ async fn admission_cost(
             // The no-limit rows too: plain against plain, the method's own
             // control (it should read about 100 %).
             plain: Some(&plain),
+            // The same c=1 calls straight to the upstream, in turns with
+            // the gateway's: what the gateway adds is read against them
+            // (#12 item 10, #17 item 3).
+            direct: Some(Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?)),
         };
-        let mut variant = phases::tracing_variant(bin, &config, run).await?;
-        // The same c=1 calls straight to the upstream, right after: what the
-        // gateway adds is read against them (#12 item 10, #17 item 3).
-        let direct = Arc::new(Target::direct(upstream.addr, Wire::OpenAi, "fast")?);
-        variant.direct_ttft = Some(support::load::run(direct, 1, plan.tracing_calls, plan.run_limit).await);
-        out.push(variant);
+        out.push(phases::tracing_variant(bin, &config, run).await?);
     }
     Ok(out)
 }

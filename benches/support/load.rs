@@ -307,6 +307,34 @@ impl RunResult {
     }
 }
 
+/// One caller, its calls taking turns among `targets` (`calls` each at
+/// most, within `max_time`; the order rotates every round, so that no
+/// target always follows the same one). The distributions then share every
+/// hiccup of the machine, so a difference between two of them (what a
+/// gateway adds, against the upstream itself) is not a hiccup that met one
+/// run and not the other, as runs one after the other can be.
+pub async fn in_turns(targets: &[&Target], calls: u64, max_time: Duration) -> Vec<RunResult> {
+    let started = Instant::now();
+    let deadline = started + max_time;
+    let n = targets.len();
+    let mut results: Vec<RunResult> = (0..n).map(|_| RunResult::default()).collect();
+    'rounds: for round in 0..calls {
+        for k in 0..n {
+            if Instant::now() >= deadline {
+                break 'rounds;
+            }
+            let i = (k + round as usize) % n;
+            results[i].add(call(targets[i], 0).await);
+        }
+    }
+    for r in &mut results {
+        r.elapsed = started.elapsed();
+        r.ttft_us.sort_unstable();
+        r.total_us.sort_unstable();
+    }
+    results
+}
+
 /// Runs calls on `target`, `concurrency` at a time, until `max_calls` have
 /// been issued or `max_time` has passed, whichever comes first.
 pub async fn run(target: Arc<Target>, concurrency: usize, max_calls: u64, max_time: Duration) -> RunResult {

@@ -248,6 +248,9 @@ pub struct TracingRun<'a> {
     /// in turn ([`Turns`]: this one is the main side, the plain one the
     /// baseline).
     pub plain: Option<&'a Gateway>,
+    /// The upstream itself: the time-to-first-token calls then alternate
+    /// with calls straight to it, read into `direct_ttft`.
+    pub direct: Option<Arc<Target>>,
 }
 
 /// A fresh gateway started with `run.env`, then the same workload as the
@@ -268,7 +271,14 @@ pub async fn tracing_variant(
     let one = Arc::new(Target::gateway(gateway.grpc_addr, 1, "fast").await?.with_key(run.key));
     let warmup = load::run(one.clone(), 1, 200.min(run.calls), run.max_time).await;
     served += warmup.calls + warmup.errors;
-    let ttft = load::run(one, 1, run.calls, run.max_time).await;
+    let (ttft, direct_ttft) = match &run.direct {
+        Some(direct) => {
+            let mut both = load::in_turns(&[&one, direct], run.calls, run.max_time).await;
+            let direct = both.pop();
+            (both.pop().unwrap_or_default(), direct)
+        }
+        None => (load::run(one, 1, run.calls, run.max_time).await, None),
+    };
     served += ttft.calls + ttft.errors;
 
     let c = run.concurrency;
@@ -327,7 +337,7 @@ pub async fn tracing_variant(
         redis_trips,
         redis_seconds,
         admitted_ahead,
-        direct_ttft: None,
+        direct_ttft,
         paired,
         note: None,
     })
@@ -575,6 +585,32 @@ pub async fn versus(contenders: &[Contender], plan: &VersusPlan) -> Result<Vec<V
     ];
     for (workload, concurrency, calls, time, paced) in workloads {
         let mut runs = Vec::new();
+        if concurrency == 1 {
+            // One call at a time: the contenders take turns call by call,
+            // so that the added time read against the upstream's own calls
+            // shares every hiccup of the machine with them.
+            eprintln!("gateway bench: beside TensorZero: {workload}, c=1, every contender in turns …");
+            let targets: Vec<&Target> = contenders.iter().map(|k| &*k.fast).collect();
+            for k in contenders {
+                load::run(k.fast.clone(), 1, 200.min(calls), warm_time.max(Duration::from_millis(100))).await;
+            }
+            let before: Vec<CpuTicks> =
+                contenders.iter().map(|k| CpuTicks::of(k.pid)).collect::<Result<_, _>>()?;
+            let results = load::in_turns(&targets, calls, time).await;
+            let mut cpus = Vec::with_capacity(contenders.len());
+            for (k, before) in contenders.iter().zip(before) {
+                cpus.push(CpuTicks::of(k.pid)?.since(before));
+            }
+            // The other contenders ran in the same span of time: their CPU
+            // is this workload's, not a disturbance of the machine.
+            let all_gateways: f64 = cpus.iter().map(|c| c.gateway_s).sum();
+            for ((k, run), mut cpu) in contenders.iter().zip(results).zip(cpus) {
+                cpu.other_s = (cpu.other_s - (all_gateways - cpu.gateway_s)).max(0.0);
+                runs.push(VersusRun { name: k.name, run, cpu });
+            }
+            rows.push(VersusRow { workload, concurrency, runs });
+            continue;
+        }
         for k in contenders {
             eprintln!("gateway bench: beside TensorZero: {workload}, c={concurrency}, {} …", k.name);
             let target = if paced { k.paced.clone() } else { k.fast.clone() };

@@ -687,7 +687,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "    added TTFT at c=1 (via the gateway minus straight to the upstream, just after): p50 {} ms, p99 {} ms (direct {})",
+                    "    added TTFT at c=1 (via the gateway minus straight to the upstream, calls in turns): p50 {} ms, p99 {} ms (direct {})",
                     ms_signed(added(0.5)),
                     ms_signed(added(0.99)),
                     triple(&direct.ttft_us)
