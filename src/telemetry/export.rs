@@ -97,8 +97,34 @@ struct CountingExporter<E> {
     pending: Arc<Pending>,
 }
 
+/// How much lower than the calls' threads the exporter's threads run.
+const EXPORT_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority, once per thread. Export
+/// is background work: a batch being turned into OTLP and encoded (a
+/// millisecond or more of CPU at a time) on cores the calls share should
+/// yield to a call's next step, not hold it up. The work is the same; its
+/// queue is bounded and every span it cannot keep up with is counted.
+pub(crate) fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::cell::Cell;
+        thread_local!(static LOWERED: Cell<bool> = const { Cell::new(false) });
+        if LOWERED.replace(true) {
+            return;
+        }
+        // `None` is the calling thread: Linux keeps a nice value per thread.
+        if let Ok(now) = rustix::process::getpriority_process(None) {
+            let _ = rustix::process::setpriority_process(None, (now + EXPORT_NICENESS).min(19));
+        }
+    }
+}
+
 impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        // Called on the batch processor's own thread, which the SDK starts
+        // and gives no hook for.
+        lower_priority();
         // Whatever the export's fate, these spans have left the queue.
         let n = batch.len();
         let _ =

@@ -63,6 +63,7 @@ impl ExporterRuntime {
             .worker_threads(1)
             .max_blocking_threads(1)
             .thread_name("otlp-export")
+            .on_thread_start(super::export::lower_priority)
             .enable_all()
             .build()
             .map_err(TelemetryError::Thread)?;
