@@ -308,8 +308,10 @@ impl RunResult {
 }
 
 /// One caller, its calls taking turns among `targets` (`calls` each at
-/// most, within `max_time`; the order rotates every round, so that no
-/// target always follows the same one). The distributions then share every
+/// most, within `max_time`; each round in an order of its own, shuffled
+/// from a fixed seed, so that no target always follows the same one: a
+/// gateway called right after another call to itself finds its threads
+/// awake, one called after a slower contender does not). The distributions then share every
 /// hiccup of the machine, so a difference between two of them (what a
 /// gateway adds, against the upstream itself) is not a hiccup that met one
 /// run and not the other, as runs one after the other can be.
@@ -318,12 +320,14 @@ pub async fn in_turns(targets: &[&Target], calls: u64, max_time: Duration) -> Ve
     let deadline = started + max_time;
     let n = targets.len();
     let mut results: Vec<RunResult> = (0..n).map(|_| RunResult::default()).collect();
-    'rounds: for round in 0..calls {
-        for k in 0..n {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = fastrand::Rng::with_seed(17);
+    'rounds: for _ in 0..calls {
+        rng.shuffle(&mut order);
+        for &i in &order {
             if Instant::now() >= deadline {
                 break 'rounds;
             }
-            let i = (k + round as usize) % n;
             results[i].add(call(targets[i], 0).await);
         }
     }

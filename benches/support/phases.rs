@@ -585,32 +585,6 @@ pub async fn versus(contenders: &[Contender], plan: &VersusPlan) -> Result<Vec<V
     ];
     for (workload, concurrency, calls, time, paced) in workloads {
         let mut runs = Vec::new();
-        if concurrency == 1 {
-            // One call at a time: the contenders take turns call by call,
-            // so that the added time read against the upstream's own calls
-            // shares every hiccup of the machine with them.
-            eprintln!("gateway bench: beside TensorZero: {workload}, c=1, every contender in turns …");
-            let targets: Vec<&Target> = contenders.iter().map(|k| &*k.fast).collect();
-            for k in contenders {
-                load::run(k.fast.clone(), 1, 200.min(calls), warm_time.max(Duration::from_millis(100))).await;
-            }
-            let before: Vec<CpuTicks> =
-                contenders.iter().map(|k| CpuTicks::of(k.pid)).collect::<Result<_, _>>()?;
-            let results = load::in_turns(&targets, calls, time).await;
-            let mut cpus = Vec::with_capacity(contenders.len());
-            for (k, before) in contenders.iter().zip(before) {
-                cpus.push(CpuTicks::of(k.pid)?.since(before));
-            }
-            // The other contenders ran in the same span of time: their CPU
-            // is this workload's, not a disturbance of the machine.
-            let all_gateways: f64 = cpus.iter().map(|c| c.gateway_s).sum();
-            for ((k, run), mut cpu) in contenders.iter().zip(results).zip(cpus) {
-                cpu.other_s = (cpu.other_s - (all_gateways - cpu.gateway_s)).max(0.0);
-                runs.push(VersusRun { name: k.name, run, cpu });
-            }
-            rows.push(VersusRow { workload, concurrency, runs });
-            continue;
-        }
         for k in contenders {
             eprintln!("gateway bench: beside TensorZero: {workload}, c={concurrency}, {} …", k.name);
             let target = if paced { k.paced.clone() } else { k.fast.clone() };
